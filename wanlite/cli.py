@@ -10,6 +10,7 @@ import sys
 
 from wanlite import __version__, commands
 from wanlite.config import ConfigError
+from wanlite.storage import StoreError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, StoreError, FileNotFoundError, ValueError) as err:
         # Expected, user-facing failures: one clear line, no traceback.
         print(f"wanlite {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -29,6 +29,17 @@ GUIDANCE_HIGH = 4.0
 GUIDANCE_LOW = 3.0
 EXPERTS = ("high_noise_model", "low_noise_model")
 
+# Vocabulary the command line shows in --help; kept here, import-light, so that
+# `wanlite --help` never loads torch or diffusers.
+TEACHER_SIZES = ("tiny", "a14b")
+EXPORT_DTYPES = ("bf16", "fp16", "fp32")
+"""dtypes ComfyUI's Wan 2.1 T2V model runs in (it also offers fp8 at load time)."""
+EVAL_SIGMAS = (0.95, 0.9, 0.8, 0.6, 0.4, 0.2)
+"""Fixed evaluation noise levels: t = 950, 900 on the high-noise expert; 800..200 on the low-noise one."""
+EVAL_SEEDS = (0, 1)
+CANDIDATE, CHAMPION = "candidate", "champion"
+"""MLflow registry aliases: every registered version is a candidate; the best evaluated one is champion."""
+
 
 class ConfigError(ValueError):
     """A config that cannot describe a valid model. The message names the field."""

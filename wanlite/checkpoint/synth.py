@@ -54,7 +54,7 @@ from wanlite.checkpoint.components import (
 )
 from wanlite.checkpoint.tokenizer import VOCAB_SIZE, build_tokenizer
 from wanlite.checkpoint.transformer_keys import native_tensor_shapes, to_diffusers
-from wanlite.config import A14B, BOUNDARY_RATIO, TINY_TEACHER, WanArch
+from wanlite.config import A14B, BOUNDARY_RATIO, TEACHER_SIZES, TINY_TEACHER, WanArch
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ SIZES: dict[str, TeacherSize] = {
     "tiny": TeacherSize(TINY_TEACHER, TINY_T5, TINY_VAE, 8 * 2**20),
     "a14b": TeacherSize(A14B, UMT5_XXL, WAN21_VAE, DEFAULT_SHARD_BYTES),
 }
+assert tuple(SIZES) == TEACHER_SIZES, "the CLI's --size choices live in config.TEACHER_SIZES"
 
 
 # --- deterministic random weights ------------------------------------------------------------

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wanlite.checkpoint.synth import SIZES, synth_teacher
+from wanlite.config import TEACHER_SIZES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("out", type=Path, help="directory to create (must not exist)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tensor shapes (default: tiny)")
+    parser.add_argument("--size", choices=TEACHER_SIZES, default="tiny", help="tensor shapes (default: tiny)")
     parser.add_argument(
         "--layout",
         choices=("native", "diffusers"),
@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from wanlite.checkpoint.synth import synth_teacher
+
     try:
         out = synth_teacher(args.out, size=args.size, layout=args.layout, seed=args.seed, sparse=args.sparse)
     except FileExistsError as err:  # a usage error here, not a crash: never overwrite a teacher

@@ -1,0 +1,113 @@
+"""evaluate: Fréchet distance against closed forms, and a real student-vs-teacher evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+from PIL import Image
+
+from wanlite import cli
+from wanlite.checkpoint.reader import TeacherReader
+from wanlite.config import ConfigError
+from wanlite.evaluate import evaluate, frechet_distance, gaussian_stats
+from wanlite.prompts import PromptError
+from tests.fixtures.ship import SHIP_GATE, Shipped
+
+
+def _random_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
+    a = rng.normal(size=(d, rank or d))
+    return a @ a.T + (0 if rank else 0.1 * np.eye(d))
+
+
+def _scipy_fd(mu1: np.ndarray, c1: np.ndarray, mu2: np.ndarray, c2: np.ndarray) -> float:
+    covmean = scipy.linalg.sqrtm(c1 @ c2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * covmean))
+
+
+def test_frechet_distance_of_1d_gaussians_is_the_closed_form() -> None:
+    # W2^2 between N(m1, s1^2) and N(m2, s2^2) is (m1 - m2)^2 + (s1 - s2)^2.
+    got = frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]]))
+    assert got == pytest.approx((1 + 2) ** 2 + (2 - 3) ** 2, rel=1e-12)
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form() -> None:
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    a, b = rng.uniform(0.1, 3, size=8), rng.uniform(0.1, 3, size=8)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_full_and_singular_covariances() -> None:
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    c1, c2 = _random_spd(rng, 16), _random_spd(rng, 16)
+    assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(_scipy_fd(mu1, c1, mu2, c2), rel=1e-8)
+    s1, s2 = _random_spd(rng, 16, rank=5), _random_spd(rng, 16, rank=7)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_scipy_fd(mu1, s1, mu2, s2), rel=1e-6)
+    assert frechet_distance(mu1, c1, mu1, c1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_from_samples_converges_to_the_population_value() -> None:
+    rng = np.random.default_rng(2)
+    mu1, mu2 = np.zeros(4), np.array([1.0, 0, 0, 0])
+    c1, c2 = np.eye(4), np.diag([1.0, 4.0, 1.0, 1.0])
+    x = rng.multivariate_normal(mu1, c1, size=200_000)
+    y = rng.multivariate_normal(mu2, c2, size=200_000)
+    expected = 1.0 + (1 - 2) ** 2
+    assert frechet_distance(*gaussian_stats(x), *gaussian_stats(y)) == pytest.approx(expected, abs=0.02)
+    with pytest.raises(ValueError, match=r"expected \[N >= 2, D\]"):
+        gaussian_stats(np.ones((1, 4)))
+
+
+@pytest.mark.slow
+def test_evaluation_writes_reports_and_grid(shipped: Shipped) -> None:
+    report = json.loads(shipped.eval_report.read_text())
+    assert report["kind"] == "evaluate" and report["passed"] is True
+    assert report["gate"] == {"max_velocity_rel_mse": SHIP_GATE, "failures": []}
+    metrics = report["metrics"]
+    assert {"velocity_rel_mse_high", "velocity_rel_mse_low", "frechet_latent"} <= set(metrics)
+    assert all(np.isfinite(v) and v >= 0 for v in metrics.values())
+    assert report["score"] == pytest.approx((metrics["velocity_rel_mse_high"] + metrics["velocity_rel_mse_low"]) / 2)
+    # A random student is no better than predicting zero velocity, so the default gate would refuse it.
+    assert min(metrics["velocity_rel_mse_high"], metrics["velocity_rel_mse_low"]) > 1.0
+    assert metrics["frechet_latent"] > 0
+    with Image.open(shipped.eval_dir / report["grid"]) as grid:
+        assert grid.size == (2 * 64 + 3 * 2, 64 + 2 * 2), "one row: teacher | student, 64 px each"
+    markdown = (shipped.eval_dir / "evaluation.md").read_text()
+    assert "**PASSED**" in markdown and "grid.png" in markdown and report["prompts"][0] in markdown
+
+
+@pytest.mark.slow
+def test_teacher_expert_as_student_scores_zero_on_its_own_range(
+    tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Numerical check of the comparison itself: the low-noise expert, shipped as a student
+    (it has a valid student shape: dim 256, 2 heads of 128), matches the teacher exactly
+    wherever the teacher routes to it, and not where the high-noise expert answers."""
+    TeacherReader(tiny_teacher).load_expert("low_noise_model").save_pretrained(tmp_path / "low")
+    args = ["evaluate", "--student", str(tmp_path / "low"), "--teacher", str(tiny_teacher)]
+    args += ["--out", str(tmp_path / "ev")]
+    args += ["--num-prompts", "1", "--seeds", "3", "--steps", "1", "--sigmas", "0.95,0.5", "--size", "32"]
+    assert cli.main(args) == 1, "the default gate fails: the high-noise range is another model"
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert report["metrics"]["velocity_rel_mse_low"] < 1e-10
+    assert report["metrics"]["velocity_rel_mse_high"] > 0.1
+    assert report["passed"] is False and "velocity_rel_mse_high" in report["gate"]["failures"][0]
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_bad_evaluation_inputs_are_refused(ship_student: Path, tiny_teacher: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(PromptError, match="empty.txt: expected at least one prompt"):
+        evaluate(ship_student, tiny_teacher, out_dir=tmp_path / "o", prompts=empty)
+    with pytest.raises(ConfigError, match=r"sigmas: expected values in \(0, 1\]"):
+        evaluate(ship_student, tiny_teacher, out_dir=tmp_path / "o", sigmas=(0.5, 1.5))
+    with pytest.raises(ConfigError, match="size: expected a multiple of 16"):
+        evaluate(ship_student, tiny_teacher, out_dir=tmp_path / "o", size=40)
+    assert not (tmp_path / "o").exists()

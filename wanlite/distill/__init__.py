@@ -1,0 +1,1 @@
+"""Distillation: prompt embeddings, teacher data, the FSDP2 trainer and its launcher."""

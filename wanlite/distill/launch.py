@@ -1,0 +1,75 @@
+"""Start a training run: in-process for one rank, or `torchrun --standalone` for several on this node.
+
+Multi-node jobs run torchrun themselves (rendezvous flags belong to the
+cluster, see infra/) with `-m wanlite.distill.train`; `distill()` called
+inside such a process (WORLD_SIZE set) simply trains in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from wanlite.config import ConfigError
+from wanlite.distill.options import TrainConfig, config_to_argv, default_run_name, fingerprint, validate
+
+log = logging.getLogger(__name__)
+
+
+def torchrun_command(cfg: TrainConfig, nproc: int) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m wanlite.distill.train <flags>` with this interpreter."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "wanlite.distill.train", *config_to_argv(cfg),
+    ]  # fmt: skip
+
+
+def child_env() -> dict[str, str]:
+    """This environment, with the directory holding `wanlite` first on PYTHONPATH.
+
+    The ranks must import the same code as the launcher, also when it runs from
+    a checkout that is not installed (tests, a development tree).
+    """
+    import wanlite
+
+    root = str(Path(wanlite.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
+def distill(cfg: TrainConfig, *, nproc: int = 1) -> dict[str, Any]:
+    """Train (or resume) a student; returns the result manifest (URIs, sha256, final metrics)."""
+    validate(cfg)
+    if nproc < 1:
+        raise ConfigError(f"nproc: expected a positive integer, found {nproc}")
+    if nproc == 1 or "WORLD_SIZE" in os.environ:
+        from wanlite.distill.train import train
+
+        return train(cfg)
+    if cfg.batch_size % nproc:
+        raise ConfigError(
+            f"batch_size: the global batch {cfg.batch_size} is not divisible by --nproc {nproc}; "
+            f"choose a multiple of {nproc}"
+        )
+    if cfg.run_name is None:  # the ranks derive the same name; we need it to find their result
+        from wanlite.distill.data import artifact_digest
+
+        fp = fingerprint(cfg, nproc, artifact_digest(cfg.data), artifact_digest(cfg.embeddings))
+        cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg, fp))
+    command = torchrun_command(cfg, nproc)
+    log.info("launching %s", " ".join(command[:7]))
+    status = subprocess.run(command, check=False, env=child_env()).returncode
+    if status != 0:
+        raise RuntimeError(f"distill: torchrun with {nproc} processes exited with status {status} (see its log above)")
+    from wanlite.distill.train import final_result
+    from wanlite.storage import Store
+
+    result = final_result(Store.from_env(cfg.out), f"runs/{cfg.run_name}")
+    if result is None:
+        raise RuntimeError(f"distill: torchrun succeeded but runs/{cfg.run_name}/final has no manifest in {cfg.out}")
+    return result

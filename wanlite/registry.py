@@ -1,0 +1,296 @@
+"""Register a shipped student in MLflow: one run, one model version, aliases by evaluation.
+
+The registry is where users pick a model (`models:/wanlite-tiny@champion`), so
+nothing gets there from a failed run: every gate (evaluation passed, export and
+round-trip reports present, passing, and about exactly these files) is checked
+before MLflow is contacted. The version points at a plain artifact folder
+(`model/`: the diffusers folder and the ComfyUI file), created with
+`MlflowClient.create_model_version(source=<run artifact uri>/model)` because
+`mlflow.register_model` refuses plain folders in MLflow 3.17. It gets the
+`candidate` alias, and `champion` only when its evaluation score beats the
+current champion's (or there is none).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wanlite import __version__
+from wanlite.config import CANDIDATE, CHAMPION
+from wanlite.evaluate import REPORT_JSON
+from wanlite.export import EXPORT_REPORT, dir_sha256, file_sha256, preset_for, read_export, student_arch
+from wanlite.pipeline import local_path
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+"""Run artifact folder the model version points at: `diffusers/` and `comfyui/<file>`."""
+
+SCORE_TAG = "eval_score"
+"""Model-version tag holding the evaluation score; lower is better."""
+
+COMFYUI_FILE_TAG, COMFYUI_SHA_TAG = "comfyui_file", "comfyui_sha256"
+
+
+class RegistryError(ValueError):
+    """Registration refused or impossible; the message names the report, field or model."""
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """Everything a registration needs, checked to belong together."""
+
+    student_dir: Path
+    export_file: Path
+    export_report: dict[str, Any]
+    roundtrip_report: dict[str, Any]
+    eval_report: dict[str, Any]
+    grid: Path | None
+    eval_dir: Path
+
+
+def model_name(preset: str) -> str:
+    return f"wanlite-{preset}"
+
+
+def code_version() -> str:
+    """wanlite's version, plus the git commit when running from a checkout (`0.1.0+g1a2b3c4`)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+g{commit}" if commit else __version__
+
+
+# --- the gate --------------------------------------------------------------------------
+
+
+def read_report(path: str | Path | None, kind: str) -> dict[str, Any]:
+    """Load a step report; refuse a missing, unreadable, wrong-kind or failed one, naming it."""
+    if path is None:
+        raise RegistryError(f"{kind} report: missing; refusing to register a model that has not passed {kind}")
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{kind} report {path}: no such file; refusing to register") from None
+    except json.JSONDecodeError as err:
+        raise RegistryError(f"{kind} report {path}: not valid JSON ({err})") from None
+    if not isinstance(report, dict) or report.get("kind") != kind:
+        found = report.get("kind") if isinstance(report, dict) else type(report).__name__
+        raise RegistryError(f"{kind} report {path}: expected kind {kind!r}, found {found!r}")
+    if report.get("passed") is not True:
+        raise RegistryError(f"{kind} report {path}: passed is {report.get('passed')!r}; refusing to register")
+    return report
+
+
+def check_shipment(
+    student: str | Path,
+    export: str | Path,
+    *,
+    export_report: str | Path | None = None,
+    roundtrip_report: str | Path | None,
+    eval_report: str | Path | None,
+) -> Shipment:
+    """Verify the gates and that every report is about exactly these files (by sha256).
+
+    `export` is the ComfyUI file, or a folder/store URI holding it with its
+    `export_report.json` (what `wanlite export --out <URI>` writes);
+    `eval_report` is the JSON file, or the evaluation's output folder/store URI.
+    """
+    student_dir = local_path(student)
+    export_file, export_report = _export_paths(export, export_report)
+    eval_report = _eval_report_path(eval_report)
+    exp = read_report(export_report, "export")
+    rt = read_report(roundtrip_report, "roundtrip")
+    ev = read_report(eval_report, "evaluate")
+    actual = file_sha256(export_file)
+    if exp.get("sha256") != actual:
+        raise RegistryError(
+            f"export report {export_report}: sha256 {exp.get('sha256')!r} does not match {export_file} ({actual})"
+        )
+    read_export(export_file)
+    student_sha = dir_sha256(student_dir)
+    exported_from = exp.get("metadata", {}).get("source_sha256")
+    for name, found, path in (
+        ("export", exported_from, export_report),
+        ("roundtrip", rt.get("student_sha256"), roundtrip_report),
+        ("evaluate", ev.get("student_sha256"), eval_report),
+    ):
+        if found != student_sha:
+            raise RegistryError(
+                f"{name} report {path}: it is about student {found!r}, not the student being registered "
+                f"({student_dir}: {student_sha})"
+            )
+    eval_dir = Path(eval_report).parent
+    grid = eval_dir / ev["grid"] if ev.get("grid") else None
+    if grid is not None and not grid.is_file():
+        raise RegistryError(f"evaluate report {eval_report}: grid {grid} does not exist")
+    return Shipment(student_dir, export_file, exp, rt, ev, grid, eval_dir)
+
+
+def _eval_report_path(report: str | Path | None) -> Path | None:
+    if report is None:
+        return None
+    if "://" in str(report) or Path(report).is_dir():
+        return local_path(report) / REPORT_JSON
+    return Path(report)
+
+
+def _export_paths(export: str | Path, report: str | Path | None) -> tuple[Path, Path | None]:
+    path = local_path(export)
+    if path.is_file():
+        return path, report
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RegistryError(f"{export}: expected one .safetensors export in the folder, found {len(files)}")
+    return files[0], report or path / EXPORT_REPORT
+
+
+# --- MLflow ------------------------------------------------------------------------------
+
+
+def register(
+    shipment: Shipment,
+    *,
+    tracking_uri: str | None = None,
+    preset: str | None = None,
+    teacher_sha256: str | None = None,
+    data_hash: str | None = None,
+    experiment: str = "wanlite",
+    params: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Log the run, create the model version, set aliases; return a registration report."""
+    from mlflow import MlflowClient
+
+    arch = student_arch(shipment.student_dir)
+    preset = preset or _preset_name(arch, shipment.student_dir)
+    teacher_sha256 = teacher_sha256 or shipment.export_report.get("metadata", {}).get("teacher_sha256")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.create_run(_experiment_id(client, experiment), run_name=f"register-{preset}")
+    run_id = run.info.run_id
+    try:
+        _log_run(client, run_id, shipment, arch_params(arch, preset, teacher_sha256, data_hash, params))
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return _create_version(client, run, shipment, model_name(preset), teacher_sha256, data_hash)
+
+
+def arch_params(
+    arch: Any, preset: str, teacher_sha256: str | None, data_hash: str | None, extra: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Run params: preset and architecture first, then provenance, then the caller's."""
+    params = {"preset": preset, **{f"arch.{k}": str(v) for k, v in arch.native_config().items() if k[0] != "_"}}
+    params.update({"teacher_sha256": teacher_sha256 or "unknown", "data_hash": data_hash or "unknown"})
+    params.update({"code_version": code_version(), **{k: str(v) for k, v in (extra or {}).items()}})
+    return params
+
+
+def _log_run(client: Any, run_id: str, ship: Shipment, params: dict[str, str]) -> None:
+    from mlflow.entities import Metric, Param
+
+    now_ms = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        params=[Param(k, v) for k, v in params.items()],
+        metrics=[Metric(k, v, now_ms, 0) for k, v in eval_metrics(ship.eval_report).items()],
+    )
+    for name, report in (("export", ship.export_report), ("roundtrip", ship.roundtrip_report)):
+        client.log_dict(run_id, report, f"reports/{name}.json")
+    client.log_artifacts(run_id, str(ship.eval_dir), "reports/evaluate")
+    if ship.grid is not None:
+        client.log_artifact(run_id, str(ship.grid), "samples")
+    client.log_artifacts(run_id, str(ship.student_dir), f"{MODEL_DIR}/diffusers")
+    client.log_artifact(run_id, str(ship.export_file), f"{MODEL_DIR}/comfyui")
+
+
+def eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The evaluation's finite numeric metrics, plus its score."""
+    metrics = {k: float(v) for k, v in report.get("metrics", {}).items() if _is_number(v)}
+    metrics[SCORE_TAG] = float(report["score"])
+    return metrics
+
+
+def _create_version(
+    client: Any, run: Any, ship: Shipment, name: str, teacher_sha256: str | None, data_hash: str | None
+) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="wanlite: Wan 2.2 distilled into a small T2I model")
+    score = float(ship.eval_report["score"])
+    tags = {
+        "teacher_sha256": teacher_sha256 or "unknown",
+        "data_hash": data_hash or "unknown",
+        "code_version": code_version(),
+        "student_sha256": ship.roundtrip_report["student_sha256"],
+        COMFYUI_FILE_TAG: ship.export_file.name,
+        COMFYUI_SHA_TAG: ship.export_report["sha256"],
+        "export_dtype": ship.export_report["dtype"],
+        SCORE_TAG: repr(score),
+        **{f"eval.{k}": repr(v) for k, v in eval_metrics(ship.eval_report).items() if k != SCORE_TAG},
+    }
+    source = f"{run.info.artifact_uri}/{MODEL_DIR}"
+    version = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=tags)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    previous = _champion(client, name)
+    promoted = previous is None or score < previous[1]
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    log.info("registered %s version %s (score %.4g, champion: %s)", name, version.version, score, promoted)
+    return {
+        "kind": "register",
+        "name": name,
+        "version": version.version,
+        "uri": f"models:/{name}/{version.version}",
+        "run_id": run.info.run_id,
+        "source": source,
+        "score": score,
+        "aliases": [CANDIDATE, CHAMPION] if promoted else [CANDIDATE],
+        "champion": promoted,
+        "previous_champion": None if previous is None else {"version": previous[0], "score": previous[1]},
+        "tags": tags,
+    }
+
+
+def _champion(client: Any, name: str) -> tuple[str, float] | None:
+    """(version, score) of the current champion, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return current.version, float(current.tags.get(SCORE_TAG, "inf"))
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)
+
+
+def _preset_name(arch: Any, student_dir: Path) -> str:
+    preset = preset_for(arch)
+    if preset is None:
+        raise RegistryError(f"{student_dir}: architecture {arch} matches no preset; pass --preset to name the model")
+    return preset.name
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
