@@ -25,3 +25,20 @@ def test_every_command_has_help():
     for name, command in sub.choices.items():
         assert command.format_help().strip(), name
         assert command.description or command.format_usage(), name
+
+
+def test_the_library_never_imports_prefect():
+    # The layering rule of DESIGN.md §1: steps are plain functions; only flows/ knows Prefect.
+    import ast
+    from pathlib import Path
+
+    import wanlite
+
+    offenders = []
+    for path in Path(wanlite.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "prefect"]
+    assert offenders == []
