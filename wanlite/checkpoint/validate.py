@@ -307,8 +307,8 @@ def _layout(chk: _Checker, root: Path) -> str | None:
 def _validate_native(chk: _Checker, root: Path) -> None:
     configs = {name: root / name / EXPERT_CONFIG for name in EXPERT_DIRS}
     archs = {name: _check_expert(chk, name, root / name, "native") for name in EXPERT_DIRS}
-    t5 = _check_t5_pth(chk, root / NATIVE_T5)
-    vae = _check_vae_pth(chk, root / NATIVE_VAE)
+    t5 = _check_pth(chk, root / NATIVE_T5, _T5_PTH)
+    vae = _check_pth(chk, root / NATIVE_VAE, _VAE_PTH)
     _check_tokenizer(chk, root / NATIVE_TOKENIZER, t5.vocab if t5 else None)
     _check_consistency(chk, archs, configs, (t5, root / NATIVE_T5), (vae, root / NATIVE_VAE))
 
@@ -709,22 +709,43 @@ def _load_pth(chk: _Checker, path: Path) -> dict[str, TensorInfo] | None:
     return tensors
 
 
-def _check_t5_pth(chk: _Checker, path: Path) -> T5Arch | None:
-    comp = chk.component("t5", path)
+@dataclass(frozen=True)
+class _PthKind:
+    """What a native `.pth` component should hold, and how to size it from its own shapes."""
+
+    component: str
+    arch_from_shapes: Callable[[dict[str, tuple[int, ...]]], Any]
+    expected_shapes: Callable[[Any], dict[str, tuple[int, ...]]]
+    expected: str
+    what: str
+
+
+_T5_PTH = _PthKind(
+    "t5", T5Arch.from_native_shapes, t5_native_shapes,
+    "a native umT5 encoder state dict (token_embedding, blocks.N.*, norm)", "a umT5 encoder",
+)  # fmt: skip
+_VAE_PTH = _PthKind(
+    "vae", VaeArch.from_native_shapes, vae_native_shapes,
+    "a native Wan 2.1 VAE state dict (encoder.*, conv1, conv2, decoder.*)", "a Wan 2.1 VAE",
+)  # fmt: skip
+
+
+def _check_pth(chk: _Checker, path: Path, kind: _PthKind) -> Any:
+    """Check a native T5 or VAE `.pth` (loaded safely) against the table its own shapes imply."""
+    comp = chk.component(kind.component, path)
     tensors = _load_pth(chk, path)
     if tensors is None:
         return None
     _summarise(comp, tensors.values(), [path])
     _check_dtypes(chk, tensors.values())
     try:
-        arch = T5Arch.from_native_shapes(_shapes(tensors))
+        arch = kind.arch_from_shapes(_shapes(tensors))
     except (KeyError, ValueError, IndexError) as err:
-        expected = "a native umT5 encoder state dict (token_embedding, blocks.N.*, norm)"
-        chk.add(path, "", expected, f"other tensors ({err})")
+        chk.add(path, "", kind.expected, f"other tensors ({err})")
         return None
     comp.arch = asdict(arch)
-    expected = t5_native_shapes(arch)
-    chk.report.problems.extend(_shape_problems(chk, tensors, expected, missing_in=path, what="a umT5 encoder"))
+    expected = kind.expected_shapes(arch)
+    chk.report.problems.extend(_shape_problems(chk, tensors, expected, missing_in=path, what=kind.what))
     return arch
 
 
@@ -760,25 +781,6 @@ def _t5_hf_to_native_names(num_layers: int) -> dict[str, str]:
     meta = _meta(t5_native_shapes(probe))
     ident = {id(t): k for k, t in meta.items()}
     return {hf: ident[id(t)] for hf, t in t5_native_to_hf(meta).items()}
-
-
-def _check_vae_pth(chk: _Checker, path: Path) -> VaeArch | None:
-    comp = chk.component("vae", path)
-    tensors = _load_pth(chk, path)
-    if tensors is None:
-        return None
-    _summarise(comp, tensors.values(), [path])
-    _check_dtypes(chk, tensors.values())
-    try:
-        arch = VaeArch.from_native_shapes(_shapes(tensors))
-    except (KeyError, ValueError, IndexError) as err:
-        expected = "a native Wan 2.1 VAE state dict (encoder.*, conv1, conv2, decoder.*)"
-        chk.add(path, "", expected, f"other tensors ({err})")
-        return None
-    comp.arch = asdict(arch)
-    expected = vae_native_shapes(arch)
-    chk.report.problems.extend(_shape_problems(chk, tensors, expected, missing_in=path, what="a Wan 2.1 VAE"))
-    return arch
 
 
 def _check_vae_diffusers(chk: _Checker, folder: Path) -> VaeArch | None:
