@@ -1,0 +1,108 @@
+"""The toy world: prompts naming (shape, colour, position), rendered into 16-channel Wan latents.
+
+A sample is drawn by painting one shape on a small RGB canvas (random size,
+brightness and sub-quadrant jitter, so each prompt is a distribution, not a
+point) and pushing the canvas through a FIXED random 3x3 convolution to 16
+channels, plus a little noise. The map is seeded and never trained, so the
+latent distribution is a pure function of the prompt: the teacher has to learn
+it, and a decoder trained on it can read the attributes back.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = ("square", "disc", "cross", "frame")
+COLOURS = {"red": (1.0, -0.6, -0.6), "green": (-0.6, 1.0, -0.6), "blue": (-0.6, -0.6, 1.0), "yellow": (1.0, 1.0, -0.6)}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+ATTRIBUTES = ("shape", "colour", "position")
+CHANNELS = 16
+MAP_SEED = 1234
+NOISE_STD = 0.05
+LATENT_GAIN = 3.5
+"""Brings the latents to about unit standard deviation, like normalised VAE latents."""
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """Class indices of one prompt's shape, colour and position."""
+
+    shape: int
+    colour: int
+    position: int
+
+    @property
+    def prompt(self) -> str:
+        return f"a {list(COLOURS)[self.colour]} {SHAPES[self.shape]} in the {POSITIONS[self.position]}"
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.shape, self.colour, self.position)
+
+
+def all_attributes() -> list[Attributes]:
+    """Every (shape, colour, position) combination: 64 prompts, in a fixed order."""
+    sizes = (len(SHAPES), len(COLOURS), len(POSITIONS))
+    return [Attributes(*combo) for combo in itertools.product(*(range(n) for n in sizes))]
+
+
+def prompts() -> list[str]:
+    return [a.prompt for a in all_attributes()]
+
+
+def _mask(shape: int, size: int, cy: int, cx: int, radius: int) -> torch.Tensor:
+    """Boolean [size, size] mask of one shape centred at (cy, cx)."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    dy, dx = (y - cy).abs(), (x - cx).abs()
+    if SHAPES[shape] == "square":
+        return (dy <= radius) & (dx <= radius)
+    if SHAPES[shape] == "disc":
+        return (dy**2 + dx**2) <= radius**2 + 1
+    if SHAPES[shape] == "cross":
+        return ((dy <= radius) & (dx <= 0)) | ((dx <= radius) & (dy <= 0))
+    return ((dy <= radius) & (dx <= radius)) & ((dy == radius) | (dx == radius))  # frame
+
+
+class World:
+    """Renders latents [16, 1, size, size] for attribute triples (size = latent side, image side / 8)."""
+
+    def __init__(self, size: int = 16) -> None:
+        if size < 12 or size % 4:
+            raise ValueError(f"latent size: expected a multiple of 4 that is >= 12, found {size}")
+        self.size = size
+        gen = torch.Generator().manual_seed(MAP_SEED)
+        self.kernel = torch.randn(CHANNELS, 4, 3, 3, generator=gen) / 6.0  # 4 inputs: RGB + coverage
+        self.bias = 0.1 * torch.randn(CHANNELS, generator=gen)
+
+    def canvas(self, attrs: Attributes, gen: torch.Generator) -> torch.Tensor:
+        """[4, size, size]: RGB in [-1, 1] where the shape is (0 elsewhere) and its coverage mask."""
+        q = self.size // 4
+        cy = (q if attrs.position < 2 else 3 * q) + int(torch.randint(-1, 2, (1,), generator=gen))
+        cx = (q if attrs.position % 2 == 0 else 3 * q) + int(torch.randint(-1, 2, (1,), generator=gen))
+        radius = int(torch.randint(max(2, q - 2), q, (1,), generator=gen))
+        mask = _mask(attrs.shape, self.size, cy, cx, radius).float()
+        brightness = 0.8 + 0.2 * float(torch.rand(1, generator=gen))
+        rgb = torch.tensor(list(COLOURS.values())[attrs.colour]).view(3, 1, 1) * brightness
+        return torch.cat([rgb * mask, mask[None]])
+
+    def render(self, attrs: list[Attributes], gen: torch.Generator) -> torch.Tensor:
+        """Clean latents x0 [n, 16, 1, size, size] for the given prompts (one random draw each)."""
+        canvases = torch.stack([self.canvas(a, gen) for a in attrs])
+        latents = F.conv2d(canvases, self.kernel, self.bias, padding=1) * LATENT_GAIN
+        latents = latents + NOISE_STD * torch.randn(latents.shape, generator=gen)
+        return latents.unsqueeze(2)
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n random prompts: (latents [n, 16, 1, s, s], prompt rows [n] into `prompts()`)."""
+        table = all_attributes()
+        rows = torch.randint(0, len(table), (n,), generator=gen)
+        return self.render([table[i] for i in rows.tolist()], gen), rows
+
+
+def attribute_labels(rows: torch.Tensor) -> torch.Tensor:
+    """[n, 3] (shape, colour, position) class indices of prompt rows."""
+    table = all_attributes()
+    return torch.tensor([table[i].as_tuple() for i in rows.tolist()])
