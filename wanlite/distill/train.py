@@ -326,7 +326,7 @@ class _Run:
         latest = checkpointing.latest_checkpoint(self.store, self.run_key)
         if latest is None:
             if self.cfg.resume:
-                log.warning("--resume: %s has no complete checkpoint; starting at step 0", self.store.uri(self.run_key))
+                log.info("--resume: nothing to resume under %s yet; starting at step 0", self.store.uri(self.run_key))
             return 0
         step, key = latest
         if not self.cfg.resume:
