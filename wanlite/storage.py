@@ -356,7 +356,7 @@ class Store:
             return
         with self._guard("writing", key):
             if self.protocol == "file":
-                self._local_atomic_write(Path(self._path(key)), data)
+                self._local_write(Path(self._path(key)), data)
             else:
                 self.fs.pipe_file(self._path(key), data)
 
@@ -365,7 +365,7 @@ class Store:
         with self._guard("creating", key):
             try:
                 if self.protocol == "file":
-                    self._local_exclusive_write(Path(self._path(key)), data)
+                    self._local_write(Path(self._path(key)), data, exclusive=True)
                 else:
                     self.fs.pipe_file(self._path(key), data, mode="create")  # S3 IfNoneMatch="*"
             except FileExistsError:
@@ -373,24 +373,17 @@ class Store:
         return True
 
     @staticmethod
-    def _local_atomic_write(path: Path, data: bytes) -> None:
-        """Readers never see half a file: write a sibling temp file, then rename (atomic locally)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def _local_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+        """Readers never see half a file: write a complete sibling temp file, then publish it.
 
-    @staticmethod
-    def _local_exclusive_write(path: Path, data: bytes) -> None:
-        """Atomic AND exclusive: os.link of a complete temp file fails with FileExistsError if taken."""
+        Publishing is `os.replace` (atomic), or with `exclusive` `os.link`, which is atomic
+        AND fails with FileExistsError when the name is taken.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             tmp.write_bytes(data)
-            os.link(tmp, path)
+            (os.link if exclusive else os.replace)(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -586,7 +579,7 @@ class Store:
         with _bar(manifest.total_size, f"download {key or self.root}", progress) as bar:
             for rel, entry in sorted(manifest.files.items()):
                 self._download(join_key(key, rel), dest / rel, entry, bar)
-        self._local_atomic_write(dest / MANIFEST_NAME, manifest.to_json().encode())
+        self._local_write(dest / MANIFEST_NAME, manifest.to_json().encode())
 
     def local_dir(self, key: str = "", *, progress: bool = True) -> Path:
         """A local directory holding the complete artifact, for readers that need real files (safe_open).

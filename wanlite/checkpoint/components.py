@@ -25,6 +25,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from transformers import UMT5Config
 
+from wanlite.checkpoint.transformer_keys import rename_exactly
 from wanlite.config import ConfigError
 
 Shapes = dict[str, tuple[int, ...]]
@@ -280,15 +281,8 @@ def vae_diffusers_to_native(diffusers_sd: Mapping[str, torch.Tensor]) -> dict[st
         base_dim=int(diffusers_sd["encoder.conv_in.weight"].shape[0]),
         z_dim=int(diffusers_sd["post_quant_conv.weight"].shape[0]),
     )
-    to_native = _vae_name_maps(arch)[1]
-    unexpected = sorted(set(diffusers_sd) - set(to_native))
-    if unexpected:
-        raise KeyError(f"VAE state dict: unexpected tensor {unexpected[0]!r} for a base_dim-{arch.base_dim} Wan VAE")
-    missing = sorted(set(to_native) - set(diffusers_sd))
-    if missing:
-        raise KeyError(f"VAE state dict: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    by_native = {to_native[k]: v for k, v in diffusers_sd.items()}
-    return {k: by_native[k] for k in vae_native_shapes(arch)}
+    what = f"a base_dim-{arch.base_dim} Wan VAE"
+    return rename_exactly(diffusers_sd, _vae_name_maps(arch)[1], vae_native_shapes(arch), what, "VAE state dict: ")
 
 
 def vae_native_to_diffusers_names(arch: VaeArch) -> dict[str, str]:

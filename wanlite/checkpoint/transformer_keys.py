@@ -8,7 +8,7 @@ by running that converter over meta tensors, so they cannot drift from it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 import torch
@@ -104,15 +104,25 @@ def to_native(diffusers_sd: Mapping[str, torch.Tensor], arch: WanArch) -> dict[s
     Raises KeyError naming the first tensor that is missing or unexpected, because an
     export with a hole loads in ComfyUI with uninitialised weights and no error.
     """
-    to_nat = _name_maps(arch)[1]
-    unexpected = sorted(set(diffusers_sd) - set(to_nat))
+    what = f"a {arch.num_layers}-layer dim-{arch.dim} Wan model"
+    return rename_exactly(diffusers_sd, _name_maps(arch)[1], native_tensor_shapes(arch), what)
+
+
+def rename_exactly(
+    state_dict: Mapping[str, torch.Tensor], names: Mapping[str, str], order: Iterable[str], what: str, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Rename every tensor through `names` and return them in `order`; nothing may be missing or extra.
+
+    Raises KeyError naming the first unexpected or missing tensor (`prefix` starts the message).
+    """
+    unexpected = sorted(set(state_dict) - set(names))
     if unexpected:
-        raise KeyError(f"unexpected tensor {unexpected[0]!r} for a {arch.num_layers}-layer dim-{arch.dim} Wan model")
-    missing = sorted(set(to_nat) - set(diffusers_sd))
+        raise KeyError(f"{prefix}unexpected tensor {unexpected[0]!r} for {what}")
+    missing = sorted(set(names) - set(state_dict))
     if missing:
-        raise KeyError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    by_native = {to_nat[k]: v for k, v in diffusers_sd.items()}
-    return {k: by_native[k] for k in native_tensor_shapes(arch)}
+        raise KeyError(f"{prefix}missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    renamed = {names[k]: v for k, v in state_dict.items()}
+    return {k: renamed[k] for k in order}
 
 
 def arch_from_native_shapes(shapes: Mapping[str, tuple[int, ...]], source: str = "state dict") -> WanArch:
