@@ -25,7 +25,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from transformers import UMT5Config
 
-from wanlite.checkpoint.transformer_keys import rename_exactly
+from wanlite.checkpoint.transformer_keys import converter_name_maps, rename_exactly
 from wanlite.config import ConfigError
 
 Shapes = dict[str, tuple[int, ...]]
@@ -305,14 +305,7 @@ def vae_diffusers_config(arch: VaeArch) -> dict[str, Any]:
 
 @lru_cache(maxsize=4)
 def _vae_name_maps(arch: VaeArch) -> tuple[dict[str, str], dict[str, str]]:
-    shapes = vae_native_shapes(arch)
-    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    ident = {id(t): k for k, t in meta.items()}
-    converted = convert_wan_vae_to_diffusers(dict(meta))
-    to_diff = {ident[id(t)]: k for k, t in converted.items()}
-    if len(to_diff) != len(shapes) or len(set(to_diff.values())) != len(shapes):
-        raise RuntimeError("diffusers' Wan VAE converter no longer maps tensors one-to-one")
-    return to_diff, {v: k for k, v in to_diff.items()}
+    return converter_name_maps(vae_native_shapes(arch), convert_wan_vae_to_diffusers, "Wan VAE")
 
 
 def _conv(shapes: Shapes, prefix: str, cout: int, cin: int, kernel: tuple[int, ...]) -> None:

@@ -8,7 +8,7 @@ by running that converter over meta tensors, so they cannot drift from it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 
 import torch
@@ -64,16 +64,26 @@ def native_tensor_shapes(arch: WanArch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@lru_cache(maxsize=8)
-def _name_maps(arch: WanArch) -> tuple[dict[str, str], dict[str, str]]:
-    shapes = native_tensor_shapes(arch)
+def converter_name_maps(
+    shapes: Mapping[str, tuple[int, ...]],
+    converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    what: str,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(native -> converted, converted -> native) names, by running `converter` over meta tensors.
+
+    Deriving the map from diffusers' own converter means it cannot drift from it.
+    """
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     ident = {id(t): k for k, t in meta.items()}
-    converted = convert_wan_transformer_to_diffusers(dict(meta))
-    to_diff = {ident[id(t)]: k for k, t in converted.items()}
+    to_diff = {ident[id(t)]: k for k, t in converter(dict(meta)).items()}
     if len(to_diff) != len(shapes):  # the converter split or merged a tensor: our map would lie
-        raise RuntimeError("diffusers' Wan converter no longer maps tensors one-to-one")
+        raise RuntimeError(f"diffusers' {what} converter no longer maps tensors one-to-one")
     return to_diff, {v: k for k, v in to_diff.items()}
+
+
+@lru_cache(maxsize=8)
+def _name_maps(arch: WanArch) -> tuple[dict[str, str], dict[str, str]]:
+    return converter_name_maps(native_tensor_shapes(arch), convert_wan_transformer_to_diffusers, "Wan")
 
 
 def native_to_diffusers_names(arch: WanArch) -> dict[str, str]:
