@@ -15,6 +15,7 @@ from wanlite.distill import objective
 from wanlite.distill.data import EmbeddingSet, LatentSet
 from wanlite.pipeline import build_pipeline
 from wanlite.student import WanLiteStudent
+from wanlite.text_padding import compact_text_padding, trim_padding
 
 EVAL_BATCH = 32
 
@@ -44,11 +45,12 @@ class HeldOut:
         sigma = objective.shift_sigmas(u, SAMPLE_SHIFT)
         eps = torch.randn(x0.shape, generator=gen)
         x_t, t = objective.add_noise(x0, eps, sigma), objective.to_timestep(sigma)
-        experts = objective.Expert(high, GUIDANCE_HIGH), objective.Expert(low, GUIDANCE_LOW)
+        experts = (objective.Expert(compact_text_padding(high), GUIDANCE_HIGH),
+                   objective.Expert(compact_text_padding(low), GUIDANCE_LOW))  # fmt: skip
         target = torch.cat([
             objective.teacher_targets(*experts, x_t[i : i + EVAL_BATCH], t[i : i + EVAL_BATCH],
-                                      emb.context(rows[i : i + EVAL_BATCH]),
-                                      emb.negative_context(len(rows[i : i + EVAL_BATCH])),
+                                      *trim_padding(emb.context(rows[i : i + EVAL_BATCH]),
+                                                    emb.negative_context(len(rows[i : i + EVAL_BATCH]))),
                                       run_high=True, run_low=True).velocity
             for i in range(0, len(x0), EVAL_BATCH)
         ])  # fmt: skip
@@ -63,10 +65,12 @@ class HeldOut:
 
     @torch.no_grad()
     def mse(self, student: torch.nn.Module, emb: EmbeddingSet) -> float:
+        student = compact_text_padding(student)
         total = 0.0
         for i in range(0, len(self.t), EVAL_BATCH):
             sl = slice(i, i + EVAL_BATCH)
-            v = objective.predict(student, self.x_t[sl], self.t[sl], emb.context(self.rows[sl]))
+            (context,) = trim_padding(emb.context(self.rows[sl]))
+            v = objective.predict(student, self.x_t[sl], self.t[sl], context)
             total += float(objective.mse_per_sample(v, self.target[sl]).sum())
         return total / len(self.t)
 
@@ -84,13 +88,13 @@ def student_from_checkpoint(checkpoint_dir: Path) -> WanLiteStudent:
 def sample_student(teacher: Path, student: torch.nn.Module, emb: EmbeddingSet, rows: torch.Tensor,
                    seeds: list[int], size: int, steps: int) -> torch.Tensor:  # fmt: skip
     """Latents [n, 16, 1, s, s] from the student through stock `WanPipeline` (CFG folded in: guidance 1)."""
-    pipe = build_pipeline(teacher, student, with_text_encoder=False, with_vae=False)
+    pipe = build_pipeline(teacher, compact_text_padding(student), with_text_encoder=False, with_vae=False)
     pipe.set_progress_bar_config(disable=True)
     out = []
     for i in range(0, len(rows), EVAL_BATCH):
         sl = slice(i, i + EVAL_BATCH)
         out.append(pipe(
-            prompt_embeds=emb.context(rows[sl]), height=size * 8, width=size * 8, num_frames=1,
+            prompt_embeds=trim_padding(emb.context(rows[sl]))[0], height=size * 8, width=size * 8, num_frames=1,
             num_inference_steps=steps, guidance_scale=1.0,
             generator=[torch.Generator().manual_seed(s) for s in seeds[sl]], output_type="latent",
         ).frames.float())  # fmt: skip

@@ -29,6 +29,7 @@ from wanlite.checkpoint.transformer_keys import to_native
 from wanlite.config import BOUNDARY_RATIO
 from wanlite.distill import objective
 from wanlite.distill.data import EmbeddingSet
+from wanlite.text_padding import compact_text_padding, trim_padding
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ def flow_matching_loss(
     lo, hi = SIGMA_RANGES[expert]
     sigma = lo + (hi - lo) * torch.rand(batch_size, generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
-    v = objective.predict(model, objective.add_noise(x0, eps, sigma), objective.to_timestep(sigma),
-                          _draw_context(emb, rows, gen))  # fmt: skip
+    (context,) = trim_padding(_draw_context(emb, rows, gen))
+    v = objective.predict(model, objective.add_noise(x0, eps, sigma), objective.to_timestep(sigma), context)
     return objective.mse_per_sample(v, objective.flow_velocity(x0, eps)).mean()
 
 
@@ -66,7 +67,8 @@ def train_experts(
 ) -> dict[str, WanTransformer3DModel]:
     """Both experts, trained side by side for `steps` AdamW steps each (warmup, then cosine)."""
     torch.manual_seed(seed)
-    models = {name: WanTransformer3DModel.from_config(ARCH.diffusers_config()).train() for name in EXPERT_DIRS}
+    models = {name: compact_text_padding(WanTransformer3DModel.from_config(ARCH.diffusers_config())).train()
+              for name in EXPERT_DIRS}  # fmt: skip
     optims = {name: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0) for name, m in models.items()}
     scheds = {name: torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps)) for name, opt in optims.items()}
     gen = torch.Generator().manual_seed(seed)

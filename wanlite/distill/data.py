@@ -122,6 +122,10 @@ class EmbeddingSet:
         """Zero-padded [len(indices), 512, D] context for the given prompt rows."""
         return pad_embeddings([self.embeds[i] for i in indices.tolist()], TEXT_LEN)
 
+    def longest(self) -> int:
+        """Tokens in the longest prompt, the negative prompt included."""
+        return max(len(e) for e in (*self.embeds, self.negative))
+
     def negative_context(self, n: int) -> torch.Tensor:
         """The negative prompt's padded context repeated n times."""
         return pad_embeddings([self.negative], TEXT_LEN).expand(n, -1, -1)

@@ -30,6 +30,7 @@ from wanlite.config import GUIDANCE_HIGH, GUIDANCE_LOW, SAMPLE_SHIFT, SAMPLE_STE
 from wanlite.distill.data import LATENTS_FILE, LATENTS_KIND, MANIFEST, EmbeddingSet, latent_shard_name
 from wanlite.distill.encode import encoder_sha256, file_sha256
 from wanlite.pipeline import build_pipeline, encode_images, load_vae, local_path
+from wanlite.text_padding import compact_text_padding, trim_padding
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,8 @@ class _ShardMaker:
 
             reader = TeacherReader(self.root)
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            high, low = (reader.load_expert(e, dtype=dtype).to(self.device) for e in reader.expert_names)
+            high, low = (compact_text_padding(reader.load_expert(e, dtype=dtype).to(self.device))
+                         for e in reader.expert_names)  # fmt: skip
             self._pipe = build_pipeline(self.root, high, low, shift=self.sampler["shift"], with_text_encoder=False,
                                         with_vae=False)  # fmt: skip
             self._pipe.set_progress_bar_config(disable=True)
@@ -255,8 +257,10 @@ class _ShardMaker:
 
     def _sample(self, samples: list[int], prompt_index: list[int]) -> torch.Tensor:
         s = self.sampler
-        context = self.emb.context(torch.tensor(prompt_index)).to(self.device)
-        negative = self.emb.negative_context(len(samples)).to(self.device)
+        context, negative = trim_padding(  # the experts are compact: trimmed text, same result
+            self.emb.context(torch.tensor(prompt_index)), self.emb.negative_context(len(samples))
+        )
+        context, negative = context.to(self.device), negative.to(self.device)
         generators = [torch.Generator().manual_seed(s["seed"] + i) for i in samples]
         latents = self.pipe()(
             prompt_embeds=context,

@@ -57,6 +57,8 @@ from wanlite.distill.options import (
     validate,
 )
 from wanlite.distill.tracking import Tracker, image_grid, peak_flops, wan_forward_flops
+from wanlite.pipeline import TEXT_LEN
+from wanlite.text_padding import compact_text_padding, trim_padding
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +145,9 @@ def load_student(cfg: TrainConfig) -> nn.Module:
     from wanlite.student import WanLiteStudent
 
     if cfg.init:  # fp32 master weights whatever the init was saved in
-        return WanLiteStudent.from_pretrained(local_path(cfg.init), torch_dtype=torch.float32)
+        return compact_text_padding(WanLiteStudent.from_pretrained(local_path(cfg.init), torch_dtype=torch.float32))
     torch.manual_seed(cfg.seed)  # identical random init on every rank
-    return WanLiteStudent.from_arch(get_preset(cfg.preset).arch)
+    return compact_text_padding(WanLiteStudent.from_arch(get_preset(cfg.preset).arch))
 
 
 def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -160,7 +162,7 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     experts = []
     for name in (HIGH_EXPERT, LOW_EXPERT):
-        model = reader.load_expert(name, dtype=dtype).to(device)
+        model = compact_text_padding(reader.load_expert(name, dtype=dtype).to(device))
         experts.append(model.eval().requires_grad_(False))
     return experts[0], experts[1]
 
@@ -239,7 +241,8 @@ class _Run:
         grid = _Grid(cfg, emb, data.latent_shape, p.student, p.high, p.low, tracker, ctx) if cfg.grid_every else None
         tokens = data.latent_shape[2] // 2 * (data.latent_shape[3] // 2)
         teacher_passes = 2 if cfg.cfg else 1
-        student_flops, teacher_flops = (wan_forward_flops(_arch(m), tokens) for m in (p.student, p.high))
+        text_len = min(TEXT_LEN, emb.longest() + 1)  # what a trimmed batch costs at most (compact_text_padding)
+        student_flops, teacher_flops = (wan_forward_flops(_arch(m), tokens, text_len) for m in (p.student, p.high))
         flops = 3 * student_flops + teacher_passes * teacher_flops  # per sample: student fwd+bwd, teacher fwd
         peak = peak_flops(ctx.device, cfg.peak_tflops)
 
@@ -352,8 +355,10 @@ class _Run:
         rows = order.global_indices(step)[mine]
         x0 = data.take(rows).to(dev)
         eps, sigma = eps_all[mine].to(dev), sigma_all[mine].to(dev)
-        context = emb.context(data.prompt_index[rows]).to(dev)
-        negative = emb.negative_context(len(rows)).to(dev) if cfg.cfg else None
+        context, negative = trim_padding(  # the models take trimmed text (compact_text_padding)
+            emb.context(data.prompt_index[rows]), emb.negative_context(len(rows)) if cfg.cfg else None
+        )
+        context, negative = context.to(dev), negative.to(dev) if negative is not None else None
         x_t, t = objective.add_noise(x0, eps, sigma), objective.to_timestep(sigma)
 
         with self.autocast:

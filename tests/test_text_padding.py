@@ -1,0 +1,74 @@
+"""Compact text padding computes what Wan computes on the full 512-row zero-padded context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from wanlite.config import get_preset
+from wanlite.text_padding import compact_text_padding, trim_padding
+
+ARCH = get_preset("tiny").arch
+LENGTHS = (3, 11, 0, 7)
+
+
+def _models() -> tuple[WanTransformer3DModel, WanTransformer3DModel]:
+    torch.manual_seed(0)
+    plain = WanTransformer3DModel.from_config(ARCH.diffusers_config())
+    for p in plain.parameters():  # diffusers zero-initialises some outputs; make every path count
+        p.data.normal_(0, 0.05)
+    compact = WanTransformer3DModel.from_config(ARCH.diffusers_config())
+    compact.load_state_dict(plain.state_dict())
+    return plain, compact_text_padding(compact)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(len(LENGTHS), 16, 1, 8, 8, generator=gen)
+    t = torch.tensor([10.0, 300.0, 600.0, 990.0])
+    context = torch.zeros(len(LENGTHS), 512, ARCH.text_dim)
+    for row, length in enumerate(LENGTHS):
+        context[row, :length] = torch.randn(length, ARCH.text_dim, generator=gen)
+    return x, t, context
+
+
+def test_trimmed_context_matches_the_full_padding() -> None:
+    plain, compact = _models()
+    x, t, context = _batch()
+    (trimmed,) = trim_padding(context)
+    assert trimmed.shape[1] == max(LENGTHS)
+    with torch.no_grad():
+        want = plain(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+        got = compact(hidden_states=x, timestep=t, encoder_hidden_states=trimmed, return_dict=False)[0]
+        positional = compact(x, t, trimmed, return_dict=False)[0]
+        full = compact(x, t, context, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(positional, got, rtol=0, atol=0)
+    torch.testing.assert_close(full, want, rtol=0, atol=0)  # a 512-row context runs unchanged
+
+
+def test_gradients_match_the_full_padding() -> None:
+    plain, compact = _models()
+    x, t, context = _batch()
+    (trimmed,) = trim_padding(context)
+    plain(x, t, context, return_dict=False)[0].square().mean().backward()
+    compact(x, t, trimmed, return_dict=False)[0].square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), compact.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_trim_keeps_prompt_and_negative_the_same_length() -> None:
+    _, _, context = _batch()
+    negative = torch.zeros(4, 512, ARCH.text_dim)
+    negative[:, :20] = 1.0
+    trimmed, trimmed_negative, nothing = trim_padding(context, negative, None)
+    assert trimmed.shape[1] == trimmed_negative.shape[1] == 20
+    assert nothing is None
+
+
+def test_a_context_longer_than_wan_pads_to_is_refused() -> None:
+    _, compact = _models()
+    x, t, _ = _batch()
+    with pytest.raises(ValueError, match="text context: expected at most 512 tokens, found 513"):
+        compact(x, t, torch.zeros(4, 513, ARCH.text_dim), return_dict=False)
