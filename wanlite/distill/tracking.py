@@ -25,7 +25,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 """Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring: the MFU denominator.
 
 H100/H200 SXM figures; an H100 PCIe peaks at 756, so pass `--peak-tflops` there
-(or measure it with benchmarks/gpu_distill.py).
+(or measure it with benchmarks/gpu.py).
 """
 
 
