@@ -3,7 +3,7 @@
 `python -m benchmarks.toyworld --help`. The pipeline, each stage cached in the work directory:
 
 1. `world`: a synthetic, text-conditioned latent distribution (shape, colour and
-   position named by the prompt, rendered to 16-channel latents through a fixed
+   size named by the prompt, rendered to 16-channel latents through a fixed
    random map) and the prompts that name it;
 2. `teacher`: a two-expert Wan teacher (real diffusers classes, the real 875
    boundary, the synthetic tiny T5/VAE/tokenizer) trained with flow matching on

@@ -1,4 +1,4 @@
-"""A fixed attribute decoder: reads (shape, colour, position) back from a latent.
+"""A fixed attribute decoder: reads (shape, colour, size) back from a latent.
 
 Trained once, on latents rendered by the world itself (never on model samples),
 then frozen: it is the ruler that scores the teacher, the distilled students
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.toyworld.world import CHANNELS, COLOURS, POSITIONS, SHAPES, World, attribute_labels
+from benchmarks.toyworld.world import ATTRIBUTES, CHANNELS, COLOURS, SHAPES, SIZES, World, attribute_labels
 
 log = logging.getLogger(__name__)
 
 FEATURES = 64
-CLASSES = (len(SHAPES), len(COLOURS), len(POSITIONS))
+CLASSES = (len(SHAPES), len(COLOURS), len(SIZES))
 
 
 class AttributeDecoder(nn.Module):
@@ -53,7 +53,7 @@ class AttributeDecoder(nn.Module):
 def accuracy(decoder: AttributeDecoder, latents: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Per-attribute accuracy, and `all`: the share of samples with every attribute right."""
     correct = decoder.predict(latents) == labels
-    out = {name: float(correct[:, i].float().mean()) for i, name in enumerate(("shape", "colour", "position"))}
+    out = {name: float(correct[:, i].float().mean()) for i, name in enumerate(ATTRIBUTES)}
     out["all"] = float(correct.all(dim=1).float().mean())
     return out
 

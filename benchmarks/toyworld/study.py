@@ -50,15 +50,15 @@ class StudyConfig:
 
     work: Path = Path(".wanlite/toyworld")
     latent_size: int = 16
-    teacher_steps: int = 300
+    teacher_steps: int = 700
     teacher_batch: int = 16
-    teacher_lr: float = 5e-4
+    teacher_lr: float = 1e-3
     decoder_steps: int = 300
     samples_per_prompt: int = 4
     heldout_per_prompt: int = 1
     sample_steps: int = 20
     heldout_sigmas: int = 4
-    distill_steps: int = 400
+    distill_steps: int = 200
     distill_batch: int = 16
     lr: float = 5e-4
     eval_every: int = 10
