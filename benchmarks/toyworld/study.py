@@ -233,22 +233,36 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
+    """Medians over seeds ([min, max] where there are several); attribute accuracy as colour/shape/size/all."""
     steps = summary["config"]["distill_steps"]
     header = (
-        f"| init | held-out MSE at step 0 | at step {steps} (median [min, max]) "
-        "| steps to random's final (median, per seed) | Fréchet to teacher | attribute acc. (all) |"
+        f"| init | held-out MSE at step 0 | at step {steps} | steps to random's final (per seed) "
+        "| Fréchet to teacher | accuracy colour / shape / size / all |"
     )
-    lines = [header, "|---|---:|---:|---|---:|---:|"]
+    lines = [header, "|---|---:|---:|---|---:|---|"]
     for init, row in summary["inits"].items():
-        f = row["final_mse"]
+        reach = row["steps_to_random_final"]
         lines.append(
-            f"| {init} | {row['init_mse']['median']:.4f} | {f['median']:.4f} [{f['min']:.4f}, {f['max']:.4f}] | "
-            f"{row['steps_to_random_final_median']} {row['steps_to_random_final']} | {row['frechet']['median']:.3f} | {row['acc_all']['median']:.3f} |"
+            f"| {init} | {_cell(row['init_mse'])} | {_cell(row['final_mse'])} | "
+            f"{row['steps_to_random_final_median']} {reach if len(reach) > 1 else ''} | "
+            f"{_cell(row['frechet'], '.0f')} | {_accuracy(row, 'median')} |"
         )
     t, w = summary["teacher_samples"], summary["world_samples"]
-    lines.append(f"| teacher samples | | | | {t['frechet']:.3f} (other seeds) | {t['acc_all']:.3f} |")
-    lines.append(f"| rendered world | | | | {w['frechet']:.3f} | {w['acc_all']:.3f} |")
+    lines.append(f"| teacher samples | | | | {t['frechet']:.0f} (other seeds) | {_accuracy(t)} |")
+    lines.append(f"| rendered world | | | | {w['frechet']:.0f} | {_accuracy(w)} |")
     return "\n".join(lines)
+
+
+def _cell(spread: dict[str, float], fmt: str = ".3f") -> str:
+    if spread["min"] == spread["max"]:
+        return format(spread["median"], fmt)
+    return f"{spread['median']:{fmt}} [{spread['min']:{fmt}}, {spread['max']:{fmt}}]"
+
+
+def _accuracy(scores: dict[str, Any], key: str | None = None) -> str:
+    """'95 / 56 / 31 / 16' (per cent) from flat scores or from spreads (their `key`)."""
+    names = ("acc_colour", "acc_shape", "acc_size", "acc_all")
+    return " / ".join(f"{100 * (scores[n][key] if key else scores[n]):.0f}" for n in names)
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
