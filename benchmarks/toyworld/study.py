@@ -241,10 +241,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
     )
     lines = [header, "|---|---:|---:|---|---:|---|"]
     for init, row in summary["inits"].items():
-        reach = row["steps_to_random_final"]
+        reach = ["never" if r is None else str(r) for r in row["steps_to_random_final"]]
+        median = row["steps_to_random_final_median"]
         lines.append(
             f"| {init} | {_cell(row['init_mse'])} | {_cell(row['final_mse'])} | "
-            f"{row['steps_to_random_final_median']} {reach if len(reach) > 1 else ''} | "
+            f"{'not all seeds' if median is None else median} {'[' + ', '.join(reach) + ']' if len(reach) > 1 else ''} | "
             f"{_cell(row['frechet'], '.0f')} | {_accuracy(row, 'median')} |"
         )
     t, w = summary["teacher_samples"], summary["world_samples"]
