@@ -105,6 +105,18 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
+STEP_TASK_OPTIONS: dict[str, Any] = {
+    "cache_policy": STEP_CACHE,
+    "retries": STEP_RETRIES,
+    "retry_delay_seconds": STEP_RETRY_DELAYS,
+    "retry_condition_fn": retry_if_transient,
+    "persist_result": True,
+    "result_serializer": RESULT_SERIALIZER,
+}
+"""How every step task runs, in-process (flows.steps) or as a child deployment (flows.distill):
+cached across runs, retried only on transient failures, with a JSON result."""
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of `rows` (columns from the first row)."""
     if not rows:

@@ -25,11 +25,9 @@ from prefect.runtime import flow_run, task_run
 from flows.common import (
     RESULT_SERIALIZER,
     STEP_CACHE,
-    STEP_RETRIES,
-    STEP_RETRY_DELAYS,
+    STEP_TASK_OPTIONS,
     StepFailed,
     markdown_table,
-    retry_if_transient,
 )
 from flows.steps import STEP_FLOWS
 from wanlite import dag
@@ -37,16 +35,7 @@ from wanlite import dag
 POLL_S = 2.0
 
 
-@task(
-    name="run-step",
-    task_run_name="{step}",
-    cache_policy=STEP_CACHE,
-    retries=STEP_RETRIES,
-    retry_delay_seconds=STEP_RETRY_DELAYS,
-    retry_condition_fn=retry_if_transient,
-    persist_result=True,
-    result_serializer=RESULT_SERIALIZER,
-)
+@task(name="run-step", task_run_name="{step}", **STEP_TASK_OPTIONS)
 def run_step(step: str, params: dict[str, Any], step_deployment: str | None) -> dict[str, Any]:
     """Run one step and return its manifest; raise StepFailed unless the child Completed.
 

@@ -24,14 +24,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.common import (
-    RESULT_SERIALIZER,
-    STEP_CACHE,
-    STEP_RETRIES,
-    STEP_RETRY_DELAYS,
-    WanliteCode,
-    retry_if_transient,
-)
+from flows.common import RESULT_SERIALIZER, STEP_TASK_OPTIONS, WanliteCode
 from wanlite import dag
 
 HOUR = 3600
@@ -39,16 +32,7 @@ HOUR = 3600
 
 def step_task(name: str, fn: Callable[..., dict[str, Any]], **options: Any) -> Any:
     """`fn` as a cached task that retries only transient failures."""
-    settings = dict(
-        name=name,
-        cache_policy=STEP_CACHE,
-        retries=STEP_RETRIES,
-        retry_delay_seconds=STEP_RETRY_DELAYS,
-        retry_condition_fn=retry_if_transient,
-        persist_result=True,
-        result_serializer=RESULT_SERIALIZER,
-    )
-    return task(fn, **{**settings, **options})
+    return task(fn, **{**STEP_TASK_OPTIONS, "name": name, **options})
 
 
 def step_flow(name: str, timeout_s: float) -> Callable[[Callable[..., Any]], Any]:
