@@ -7,7 +7,9 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from wanlite.config import get_preset
-from wanlite.text_padding import compact_text_padding, trim_padding
+from wanlite.distill.data import EmbeddingSet
+from wanlite.pipeline import pad_embeddings
+from wanlite.text_padding import compact_text_padding
 
 ARCH = get_preset("tiny").arch
 LENGTHS = (3, 11, 0, 7)
@@ -36,8 +38,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_trimmed_context_matches_the_full_padding() -> None:
     plain, compact = _models()
     x, t, context = _batch()
-    (trimmed,) = trim_padding(context)
-    assert trimmed.shape[1] == max(LENGTHS)
+    trimmed = context[:, : max(LENGTHS)]
     with torch.no_grad():
         want = plain(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
         got = compact(hidden_states=x, timestep=t, encoder_hidden_states=trimmed, return_dict=False)[0]
@@ -51,20 +52,25 @@ def test_trimmed_context_matches_the_full_padding() -> None:
 def test_gradients_match_the_full_padding() -> None:
     plain, compact = _models()
     x, t, context = _batch()
-    (trimmed,) = trim_padding(context)
+    trimmed = context[:, : max(LENGTHS)]
     plain(x, t, context, return_dict=False)[0].square().mean().backward()
     compact(x, t, trimmed, return_dict=False)[0].square().mean().backward()
     for (name, a), b in zip(plain.named_parameters(), compact.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_trim_keeps_prompt_and_negative_the_same_length() -> None:
-    _, _, context = _batch()
-    negative = torch.zeros(4, 512, ARCH.text_dim)
-    negative[:, :20] = 1.0
-    trimmed, trimmed_negative, nothing = trim_padding(context, negative, None)
-    assert trimmed.shape[1] == trimmed_negative.shape[1] == 20
-    assert nothing is None
+def test_compact_batches_pad_prompt_and_negative_to_their_longest() -> None:
+    gen = torch.Generator().manual_seed(2)
+    embeds = [torch.randn(n, 8, generator=gen) for n in (3, 11, 7)]
+    emb = EmbeddingSet(["a", "b", "c"], embeds, torch.randn(20, 8, generator=gen), "sha", "digest", "uri")
+    rows = torch.tensor([0, 2])
+    context, negative = emb.compact(rows, with_negative=True)
+    assert context.shape == negative.shape == (2, 20, 8)
+    torch.testing.assert_close(context, emb.context(rows)[:, :20], rtol=0, atol=0)
+    torch.testing.assert_close(negative, emb.negative_context(2)[:, :20], rtol=0, atol=0)
+    alone, none = emb.compact(rows)
+    assert none is None
+    torch.testing.assert_close(alone, pad_embeddings([embeds[0], embeds[2]], 7), rtol=0, atol=0)
 
 
 def test_a_context_longer_than_wan_pads_to_is_refused() -> None:

@@ -5,8 +5,8 @@ all of them without a mask. The zero rows all embed to the same key and value
 (the text embedding is per token and cross-attention keys carry no position),
 so attending to n identical rows equals attending to one of them with its
 logit raised by log(n). `compact_text_padding` installs exactly that on a Wan
-transformer: it then accepts a context trimmed to the batch's longest prompt
-(`trim_padding`) and computes what it would have computed on the full 512
+transformer: it then accepts a context padded only to the batch's longest prompt
+(`EmbeddingSet.compact`) and computes what it would have computed on the full 512
 rows, to float rounding. On a short-sequence model (training at small
 resolutions, the toy benchmarks) the padded text is most of the work; at 1024²
 it is a few per cent.
@@ -82,18 +82,4 @@ def _pad_one(context: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.
     notional = text_len - (length + 1 - present)
     bias = torch.where(zero, (notional / present).log(), 0.0)
     return context, bias.to(context.dtype)[:, None, None, :]
-
-
-def trim_padding(*contexts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """The contexts cut to the longest run of non-zero rows among them all (one length, so they concatenate).
-
-    A None (e.g. no negative prompt) passes through as None.
-    """
-    used = max(_used_length(c) for c in contexts if c is not None)
-    return tuple(c[:, :used] if c is not None else None for c in contexts)
-
-
-def _used_length(context: torch.Tensor) -> int:
-    nonzero = (context != 0).any(dim=-1).any(dim=0).nonzero()
-    return int(nonzero.max()) + 1 if len(nonzero) else 0
 

@@ -16,7 +16,7 @@ from wanlite.distill import objective
 from wanlite.distill.data import EmbeddingSet, LatentSet
 from wanlite.pipeline import build_pipeline
 from wanlite.student import WanLiteStudent
-from wanlite.text_padding import compact_text_padding, trim_padding
+from wanlite.text_padding import compact_text_padding
 
 EVAL_BATCH = 32
 
@@ -50,8 +50,7 @@ class HeldOut:
                    objective.Expert(compact_text_padding(low), GUIDANCE_LOW))  # fmt: skip
         target = torch.cat([
             objective.teacher_targets(*experts, x_t[i : i + EVAL_BATCH], t[i : i + EVAL_BATCH],
-                                      *trim_padding(emb.context(rows[i : i + EVAL_BATCH]),
-                                                    emb.negative_context(len(rows[i : i + EVAL_BATCH]))),
+                                      *emb.compact(rows[i : i + EVAL_BATCH], with_negative=True),
                                       run_high=True, run_low=True).velocity
             for i in range(0, len(x0), EVAL_BATCH)
         ])  # fmt: skip
@@ -70,7 +69,7 @@ class HeldOut:
         total = 0.0
         for i in range(0, len(self.t), EVAL_BATCH):
             sl = slice(i, i + EVAL_BATCH)
-            (context,) = trim_padding(emb.context(self.rows[sl]))
+            context, _ = emb.compact(self.rows[sl])
             v = objective.predict(student, self.x_t[sl], self.t[sl], context)
             total += float(objective.mse_per_sample(v, self.target[sl]).sum())
         return total / len(self.t)
@@ -97,7 +96,7 @@ def sample_student(teacher: Path, student: torch.nn.Module, emb: EmbeddingSet, r
     for i in range(0, len(rows), EVAL_BATCH):
         sl = slice(i, i + EVAL_BATCH)
         out.append(pipe(
-            prompt_embeds=trim_padding(emb.context(rows[sl]))[0], height=size * 8, width=size * 8, num_frames=1,
+            prompt_embeds=emb.compact(rows[sl])[0], height=size * 8, width=size * 8, num_frames=1,
             num_inference_steps=steps, guidance_scale=1.0,
             generator=[torch.Generator().manual_seed(s) for s in seeds[sl]], output_type="latent",
         ).frames.float())  # fmt: skip

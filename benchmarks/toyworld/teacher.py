@@ -29,7 +29,7 @@ from wanlite.checkpoint.transformer_keys import to_native
 from wanlite.config import BOUNDARY_RATIO
 from wanlite.distill import objective
 from wanlite.distill.data import EmbeddingSet
-from wanlite.text_padding import compact_text_padding, trim_padding
+from wanlite.text_padding import compact_text_padding
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,11 @@ SHARD_BYTES = SIZES["tiny"].max_shard_bytes
 
 
 def _draw_context(emb: EmbeddingSet, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Padded prompt contexts, with DROP_PROMPT of them replaced by the negative prompt's."""
-    context = emb.context(rows)
+    """Compact prompt contexts, with DROP_PROMPT of them replaced by the negative prompt's."""
     dropped = torch.rand(len(rows), generator=gen) < DROP_PROMPT
-    context[dropped] = emb.negative_context(int(dropped.sum()))
+    context, negative = emb.compact(rows, with_negative=bool(dropped.any()))
+    if negative is not None:
+        context[dropped] = negative[dropped]
     return context
 
 
@@ -57,8 +58,8 @@ def flow_matching_loss(
     lo, hi = SIGMA_RANGES[expert]
     sigma = lo + (hi - lo) * torch.rand(batch_size, generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
-    (context,) = trim_padding(_draw_context(emb, rows, gen))
-    v = objective.predict(model, objective.add_noise(x0, eps, sigma), objective.to_timestep(sigma), context)
+    v = objective.predict(model, objective.add_noise(x0, eps, sigma), objective.to_timestep(sigma),
+                          _draw_context(emb, rows, gen))  # fmt: skip
     return objective.mse_per_sample(v, objective.flow_velocity(x0, eps)).mean()
 
 

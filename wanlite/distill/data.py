@@ -122,6 +122,17 @@ class EmbeddingSet:
         """Zero-padded [len(indices), 512, D] context for the given prompt rows."""
         return pad_embeddings([self.embeds[i] for i in indices.tolist()], TEXT_LEN)
 
+    def compact(self, indices: torch.Tensor, with_negative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, the negative's repeated or None), zero-padded only to the longest of them.
+
+        What a `compact_text_padding` model takes: it computes the same as on
+        `context`/`negative_context`, and no 512-row tensors are built per batch.
+        """
+        embeds = [self.embeds[i] for i in indices.tolist()]
+        length = max(len(e) for e in (*embeds, *([self.negative] if with_negative else [])))
+        negative = pad_embeddings([self.negative], length).expand(len(embeds), -1, -1) if with_negative else None
+        return pad_embeddings(embeds, length), negative
+
     def longest(self) -> int:
         """Tokens in the longest prompt, the negative prompt included."""
         return max(len(e) for e in (*self.embeds, self.negative))

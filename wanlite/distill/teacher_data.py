@@ -30,7 +30,7 @@ from wanlite.config import GUIDANCE_HIGH, GUIDANCE_LOW, SAMPLE_SHIFT, SAMPLE_STE
 from wanlite.distill.data import LATENTS_FILE, LATENTS_KIND, MANIFEST, EmbeddingSet, latent_shard_name
 from wanlite.distill.encode import encoder_sha256, file_sha256
 from wanlite.pipeline import build_pipeline, encode_images, load_vae, local_path
-from wanlite.text_padding import compact_text_padding, trim_padding
+from wanlite.text_padding import compact_text_padding
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +257,7 @@ class _ShardMaker:
 
     def _sample(self, samples: list[int], prompt_index: list[int]) -> torch.Tensor:
         s = self.sampler
-        context, negative = trim_padding(  # the experts are compact: trimmed text, same result
-            self.emb.context(torch.tensor(prompt_index)), self.emb.negative_context(len(samples))
-        )
+        context, negative = self.emb.compact(torch.tensor(prompt_index), with_negative=True)  # compact experts
         context, negative = context.to(self.device), negative.to(self.device)
         generators = [torch.Generator().manual_seed(s["seed"] + i) for i in samples]
         latents = self.pipe()(

@@ -58,7 +58,7 @@ from wanlite.distill.options import (
 )
 from wanlite.distill.tracking import Tracker, image_grid, peak_flops, wan_forward_flops
 from wanlite.pipeline import TEXT_LEN
-from wanlite.text_padding import compact_text_padding, trim_padding
+from wanlite.text_padding import compact_text_padding
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +355,7 @@ class _Run:
         rows = order.global_indices(step)[mine]
         x0 = data.take(rows).to(dev)
         eps, sigma = eps_all[mine].to(dev), sigma_all[mine].to(dev)
-        context, negative = trim_padding(  # the models take trimmed text (compact_text_padding)
-            emb.context(data.prompt_index[rows]), emb.negative_context(len(rows)) if cfg.cfg else None
-        )
+        context, negative = emb.compact(data.prompt_index[rows], with_negative=cfg.cfg)  # compact_text_padding
         context, negative = context.to(dev), negative.to(dev) if negative is not None else None
         x_t, t = objective.add_noise(x0, eps, sigma), objective.to_timestep(sigma)
 
