@@ -20,6 +20,7 @@ from benchmarks.toyworld.world import ATTRIBUTES, CHANNELS, COLOURS, SHAPES, SIZ
 log = logging.getLogger(__name__)
 
 FEATURES = 64
+DEFAULT_STEPS = 1500
 CLASSES = (len(SHAPES), len(COLOURS), len(SIZES))
 
 

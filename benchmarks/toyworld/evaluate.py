@@ -120,3 +120,22 @@ def score_samples(decoder: AttributeDecoder, samples: torch.Tensor, rows: torch.
     with torch.no_grad():
         fd = frechet_distance(decoder.features(samples), decoder.features(reference))
     return {"frechet": fd, **{f"acc_{k}": v for k, v in accuracy(decoder, samples, attribute_labels(rows)).items()}}
+
+
+@torch.no_grad()
+def sample_teacher(teacher: Path, high: torch.nn.Module, low: torch.nn.Module, emb: EmbeddingSet, rows: torch.Tensor,
+                   seeds: list[int], size: int, steps: int) -> torch.Tensor:  # fmt: skip
+    """Latents [n, 16, 1, s, s] from the two experts as Wan 2.2 samples: routed at t = 875, CFG 4.0 / 3.0."""
+    pipe = build_pipeline(teacher, compact_text_padding(high), compact_text_padding(low), with_text_encoder=False,
+                          with_vae=False)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i in range(0, len(rows), EVAL_BATCH):
+        sl = slice(i, i + EVAL_BATCH)
+        context, negative = emb.compact(rows[sl], with_negative=True)
+        out.append(pipe(
+            prompt_embeds=context, negative_prompt_embeds=negative, height=size * 8, width=size * 8, num_frames=1,
+            num_inference_steps=steps, guidance_scale=GUIDANCE_HIGH, guidance_scale_2=GUIDANCE_LOW,
+            generator=[torch.Generator().manual_seed(s) for s in seeds[sl]], output_type="latent",
+        ).frames.float())  # fmt: skip
+    return torch.cat(out)

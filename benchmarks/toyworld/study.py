@@ -22,8 +22,9 @@ import torch
 
 from benchmarks.toyworld import decoder as decoder_mod
 from benchmarks.toyworld import teacher as teacher_mod
+from benchmarks.toyworld.decoder import DEFAULT_STEPS
 from benchmarks.toyworld.evaluate import HeldOut, sample_student, score_samples, student_from_checkpoint
-from benchmarks.toyworld.world import World, prompts
+from benchmarks.toyworld.world import MAP_SEED, World, prompts
 from wanlite.checkpoint.reader import TeacherReader
 from wanlite.checkpoint.synth import synth_teacher
 from wanlite.config import get_preset
@@ -50,10 +51,9 @@ class StudyConfig:
 
     work: Path = Path(".wanlite/toyworld")
     latent_size: int = 16
-    teacher_steps: int = 700
-    teacher_batch: int = 16
-    teacher_lr: float = 1e-3
-    decoder_steps: int = 300
+    world_seed: int = MAP_SEED
+    teacher_steps: int = 0
+    decoder_steps: int = DEFAULT_STEPS
     samples_per_prompt: int = 4
     heldout_per_prompt: int = 1
     sample_steps: int = 20
@@ -86,22 +86,14 @@ class Prepared:
 def prepare(cfg: StudyConfig) -> Prepared:
     """Teacher, embeddings, teacher-data (train and held-out), held-out targets and decoder; each cached."""
     cfg.work.mkdir(parents=True, exist_ok=True)
-    world = World(cfg.latent_size)
+    world = World(cfg.latent_size, seed=cfg.world_seed)
     store_uri = (cfg.work / "store").resolve().as_uri()
     base = cfg.work / "teacher-base"
     if not base.exists():
         synth_teacher(base, size="tiny", seed=0)
     emb_uri = encode_prompts(base, prompts(), out=store_uri, progress=False)["uri"]  # same T5 as the final teacher
     emb = EmbeddingSet.load(emb_uri)
-    tag = _tag(cfg.latent_size, cfg.teacher_steps, cfg.teacher_batch, cfg.teacher_lr)
-    teacher, timing_file = cfg.work / f"teacher-{tag}", cfg.work / f"teacher-{tag}.json"
-    if not teacher.exists():
-        started = time.perf_counter()
-        experts = teacher_mod.train_experts(world, emb, steps=cfg.teacher_steps, batch_size=cfg.teacher_batch,
-                                            lr=cfg.teacher_lr, seed=0)  # fmt: skip
-        timing_file.write_text(json.dumps({"teacher_train_s": time.perf_counter() - started,
-                                           "threads": torch.get_num_threads()}))  # fmt: skip
-        teacher_mod.save_teacher(base, teacher, experts)
+    teacher, timings = _teacher(cfg, base, world, emb)
     common = {"image_size": cfg.latent_size * 8, "steps": cfg.sample_steps, "batch_size": 32, "progress": False}
     train_uri = teacher_data(teacher, emb_uri, store_uri, samples_per_prompt=cfg.samples_per_prompt, seed=0,
                              **common)["uri"]  # fmt: skip
@@ -115,7 +107,28 @@ def prepare(cfg: StudyConfig) -> Prepared:
     decoder_path = cfg.work / f"decoder-{_tag(cfg.latent_size, cfg.decoder_steps)}.pt"
     decoder = decoder_mod.load_or_train(decoder_path, world, steps=cfg.decoder_steps)
     return Prepared(world, teacher, store_uri, emb_uri, train_uri, heldout_uri, HeldOut.load(heldout_path), decoder,
-                    json.loads(timing_file.read_text()))  # fmt: skip
+                    timings)  # fmt: skip
+
+
+def _teacher(cfg: StudyConfig, base: Path, world: World, emb: EmbeddingSet) -> tuple[Path, dict[str, Any]]:
+    """The shipped toy teacher (seconds), or with `--teacher-steps N` one trained here for this world."""
+    if not cfg.teacher_steps:
+        record = json.loads((teacher_mod.SHIPPED / teacher_mod.RECORD).read_text())
+        if record["world_seed"] != cfg.world_seed or record["latent_size"] != cfg.latent_size:
+            raise SystemExit(f"the shipped teacher models world {record['world_seed']} at latent size "
+                             f"{record['latent_size']}; pass --teacher-steps N to train one for world "
+                             f"{cfg.world_seed} at {cfg.latent_size}")  # fmt: skip
+        return teacher_mod.assemble(base, cfg.work / "teacher-shipped"), {"teacher": "shipped", **record["final"]}
+    recipe = teacher_mod.Recipe(steps=cfg.teacher_steps)
+    tag = _tag(cfg.latent_size, cfg.world_seed, asdict(recipe))
+    teacher, timing_file = cfg.work / f"teacher-{tag}", cfg.work / f"teacher-{tag}.json"
+    if not teacher.exists():
+        started = time.perf_counter()
+        _, experts = teacher_mod.train_experts(world, emb, recipe, checkpoint=cfg.work / f"teacher-{tag}.ckpt")
+        timing_file.write_text(json.dumps({"teacher_train_s": time.perf_counter() - started,
+                                           "threads": torch.get_num_threads()}))  # fmt: skip
+        teacher_mod.save_teacher(base, teacher, experts)
+    return teacher, json.loads(timing_file.read_text())
 
 
 def make_init(prep: Prepared, cfg: StudyConfig, init: str) -> str | None:

@@ -75,13 +75,17 @@ def _mask(shape: int, size: int, cy: int, cx: int, radius: int) -> torch.Tensor:
 
 
 class World:
-    """Renders latents [16, 1, size, size] for attribute triples (size = latent side, image side / 8)."""
+    """Renders latents [16, 1, size, size] for attribute triples (size = latent side, image side / 8).
 
-    def __init__(self, size: int = 16) -> None:
+    `seed` draws the fixed colour-to-latent map: another seed is another world
+    with the same prompts, so a recipe tuned on one world can be checked on others.
+    """
+
+    def __init__(self, size: int = 16, seed: int = MAP_SEED) -> None:
         if size < 16 or size % 4:
             raise ValueError(f"latent size: expected a multiple of 4 that is >= 16, found {size}")
-        self.size = size
-        gen = torch.Generator().manual_seed(MAP_SEED)
+        self.size, self.seed = size, seed
+        gen = torch.Generator().manual_seed(seed)
         self.kernel = torch.randn(CHANNELS, 4, 3, 3, generator=gen) / 6.0  # 4 inputs: RGB + coverage
         self.bias = 0.1 * torch.randn(CHANNELS, generator=gen)
 
@@ -101,11 +105,15 @@ class World:
         latents = latents + NOISE_STD * torch.randn(latents.shape, generator=gen)
         return latents.unsqueeze(2)
 
+    def render_rows(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Clean latents for prompt rows into `prompts()` (one random draw each)."""
+        table = all_attributes()
+        return self.render([table[i] for i in rows.tolist()], gen)
+
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n random prompts: (latents [n, 16, 1, s, s], prompt rows [n] into `prompts()`)."""
-        table = all_attributes()
-        rows = torch.randint(0, len(table), (n,), generator=gen)
-        return self.render([table[i] for i in rows.tolist()], gen), rows
+        rows = torch.randint(0, len(all_attributes()), (n,), generator=gen)
+        return self.render_rows(rows, gen), rows
 
 
 def attribute_labels(rows: torch.Tensor) -> torch.Tensor:
