@@ -189,7 +189,7 @@ def test_export_to_a_store_publishes_file_and_report_under_a_manifest(ship_stude
     report = export_student(ship_student, uri, dtype="bf16")
     assert report["uri"] == f"{uri}/wanlite-tiny.safetensors"
     manifest = store.read_manifest("exports/run-1")
-    assert set(manifest.files) == {"wanlite-tiny.safetensors", "export_report.json"}
+    assert set(manifest.files) == {"wanlite-tiny.safetensors", "wanlite-tiny.workflow.json", "export_report.json"}
     assert manifest.files["wanlite-tiny.safetensors"].sha256 == report["sha256"]
     local = store.local_dir("exports/run-1")
     assert read_export(local / "wanlite-tiny.safetensors").arch == TINY

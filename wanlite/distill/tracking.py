@@ -57,7 +57,7 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.uri)
         if mlflow.get_experiment_by_name(self.experiment) is None:
-            mlflow.create_experiment(self.experiment, artifact_location=_local_artifact_location(self.uri))
+            mlflow.create_experiment(self.experiment, artifact_location=local_artifact_location(self.uri))
         mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=True)
         self.run_id = run.info.run_id
@@ -86,11 +86,15 @@ class Tracker:
             self.run_id = None
 
 
-def _local_artifact_location(uri: str) -> str | None:
-    """Artifacts beside a SQLite database (MLflow would default to ./mlruns in the working directory)."""
+def local_artifact_location(uri: str) -> str | None:
+    """Artifacts beside a SQLite database (MLflow would default to ./mlruns in the working directory).
+
+    A relative database path (`sqlite:///mlflow.db`) is resolved against the
+    working directory once, here, so the location is an absolute URI.
+    """
     if not uri.startswith("sqlite:///"):
         return None  # a tracking server decides (and proxies) its own artifact store
-    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def _param(value: Any) -> str:
