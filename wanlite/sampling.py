@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from wanlite.config import GUIDANCE_LOW, SAMPLE_SHIFT, SAMPLE_STEPS, ConfigError
+from wanlite.config import GUIDANCE_LOW, SAMPLE_SHIFT, SAMPLE_STEPS, T2V_A14B, ConfigError
 
 HEADER_KEY = "wanlite_sampling"
 """Key of the JSON string in an exported file's safetensors header (and the MLflow tag prefix)."""
@@ -247,11 +247,12 @@ def sampling_for_run(spec: Any) -> Sampling:
     return student_sampling(guided=spec.guided, steps=steps)
 
 
-def teacher_sampling(steps: int = SAMPLE_STEPS) -> Sampling:
-    """The Wan 2.2 teacher's sampler as one record: UniPC, shift 12, CFG with the negative prompt.
+def teacher_sampling(steps: int = T2V_A14B.sample_steps) -> Sampling:
+    """The Wan 2.2 teacher's sampler (`T2V_A14B`) as one record: UniPC, shift 12, CFG with the negative prompt.
 
-    The teacher has two experts with their own scales (`GUIDANCE_HIGH` 4.0
-    high-noise, `GUIDANCE_LOW` 3.0 low-noise); `guidance` here is the
-    low-noise expert's.
+    The teacher has two experts with their own scales (`sample_guide_scale`:
+    3.0 low-noise, 4.0 high-noise); `guidance` here is the low-noise expert's.
     """
-    return Sampling(steps=steps, shift=SAMPLE_SHIFT, guidance=GUIDANCE_LOW, negative_prompt=True, sampler="unipc")
+    low, _high = T2V_A14B.sample_guide_scale
+    return Sampling(steps=steps, shift=T2V_A14B.sample_shift, guidance=low, negative_prompt=True,
+                    sampler=T2V_A14B.sample_solver)  # fmt: skip

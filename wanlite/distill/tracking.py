@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from PIL import Image
 
 from wanlite.config import WanArch
@@ -106,9 +107,7 @@ def image_grid(rows: list[torch.Tensor]) -> Image.Image:
     """Rows of images [B, 3, H, W] in [0, 1] (e.g. teacher row, student row) as one RGB picture."""
     if not rows or any(r.shape != rows[0].shape for r in rows):
         raise ValueError(f"image_grid: expected equally shaped rows, found {[tuple(r.shape) for r in rows]}")
-    b, _, h, w = rows[0].shape
-    canvas = torch.stack(rows)  # [R, B, 3, H, W]
-    canvas = canvas.permute(0, 3, 1, 4, 2).reshape(len(rows) * h, b * w, 3)
+    canvas = rearrange(torch.stack(rows), "r b c h w -> (r h) (b w) c")
     return Image.fromarray((canvas.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
 
 
