@@ -414,17 +414,11 @@ def _annotate_training_run(client: Any, run_id: str, report: Mapping[str, Any], 
         client.log_image(run_id, viewable_grid(ship.grid), artifact_file="evaluation/teacher_vs_student.png")
 
 
-GRID_MIN_WIDTH = 512
-"""Grids narrower than this are enlarged (nearest neighbour, whole factors) so a person can judge them."""
-
-
 def viewable_grid(path: Path) -> Any:
-    """The evaluation grid as an RGB image at least `GRID_MIN_WIDTH` wide (tiny presets sample 64 px)."""
+    """The evaluation grid as an RGB image a person can judge (enlarged when small)."""
     from PIL import Image
 
+    from wanlite.distill.tracking import viewable
+
     with Image.open(path) as img:
-        image = img.convert("RGB")
-    factor = -(-GRID_MIN_WIDTH // image.width)
-    if factor > 1:
-        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
-    return image
+        return viewable(img.convert("RGB"))

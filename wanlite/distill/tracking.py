@@ -111,6 +111,18 @@ def image_grid(rows: list[torch.Tensor]) -> Image.Image:
     return Image.fromarray((canvas.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
 
 
+GRID_MIN_WIDTH = 512
+"""Grids narrower than this are enlarged (nearest neighbour, whole factors) so a person can judge them."""
+
+
+def viewable(image: Image.Image, min_width: int = GRID_MIN_WIDTH) -> Image.Image:
+    """`image` enlarged by a whole factor to at least `min_width` pixels wide (tiny presets sample 64 px)."""
+    factor = -(-min_width // image.width)
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
 # --- FLOPs ---------------------------------------------------------------------------
 
 

@@ -57,7 +57,7 @@ from wanlite.distill.options import (
     shipped_sampling,
     validate,
 )
-from wanlite.distill.tracking import Tracker, image_grid, peak_flops, wan_forward_flops
+from wanlite.distill.tracking import Tracker, image_grid, peak_flops, viewable, wan_forward_flops
 from wanlite.pipeline import TEXT_LEN
 from wanlite.sampling import save_sampling
 from wanlite.text_padding import compact_text_padding
@@ -536,7 +536,7 @@ class _Grid:
         # The student samples the way it will ship (its recorded settings), not the teacher's way.
         latents = self._sample(self.student_pipe, self.sampling.guidance, None, self.sampling.steps)
         if self.ctx.is_main:
-            grid = image_grid([self.teacher_images, decode_latents(self.vae, latents)])
+            grid = viewable(image_grid([self.teacher_images, decode_latents(self.vae, latents)]))
             self.tracker.log_image(grid, f"grids/step-{step:08d}.png")
 
 
