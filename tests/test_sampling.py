@@ -87,3 +87,34 @@ def test_overrides_are_reported_and_negative_prompt_follows_guidance():
     assert not back.negative_prompt and len(notes) == 2
     with pytest.raises(ConfigError, match="explicit sigmas"):
         FEW.overridden(steps=8)
+
+
+def test_schedulers_follow_the_record():
+    """UniPC with the record's shift; explicit sigmas visited exactly, not shifted again."""
+    import torch
+
+    from wanlite.pipeline import scheduler_for
+
+    unipc = scheduler_for(FOLDED)
+    assert type(unipc).__name__ == "UniPCMultistepScheduler" and unipc.config.flow_shift == 12.0
+    few = scheduler_for(FEW)
+    few.set_timesteps(FEW.steps)  # what stock WanPipeline calls
+    torch.testing.assert_close(few.sigmas, torch.tensor([*FEW.sigmas, 0.0]))
+    torch.testing.assert_close(few.timesteps, torch.tensor(FEW.sigmas) * 1000)
+    euler = scheduler_for(Sampling(steps=4, shift=3.0, guidance=1.0, negative_prompt=False, sampler="euler"))
+    euler.set_timesteps(4)
+    assert euler.sigmas[0] == 1.0 and len(euler.sigmas) == 5
+
+
+def test_evaluation_follows_the_record_unless_told_otherwise():
+    from wanlite.evaluate import evaluation_sampling
+
+    sampling, guided, notes = evaluation_sampling(FOLDED, "s", None, None)
+    assert (sampling, guided, notes) == (FOLDED, True, [])
+    sampling, guided, notes = evaluation_sampling(FOLDED, "s", 8, False)
+    assert not guided and sampling.steps == 8 and sampling.guidance == 3.0 and sampling.negative_prompt
+    assert notes == ["overridden steps: 40 -> 8", "overridden guidance: 1.0 -> 3.0", "overridden negative_prompt: False -> True"]
+    sampling, _, notes = evaluation_sampling(FEW, "s", 40, None)
+    assert sampling == FEW and notes == [], "explicit sigmas keep their steps; 40 is the teacher's"
+    sampling, guided, notes = evaluation_sampling(None, "old", 4, None)
+    assert not guided and sampling.guidance == 3.0 and notes[0].startswith("old records no sampling settings")
