@@ -126,7 +126,7 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
         # Blending both experts gives the tiny student a start in both noise
         # ranges, so a couple dozen steps clear the evaluation gate in each.
         "num_prompts": 8,
-        "num_eval_prompts": 1,
+        "num_eval_prompts": 3,  # several prompts in the grid a person judges on the registry page
         "sample_steps": 4,
         "projection_expert": "mix",
         "steps": 24,
@@ -410,7 +410,10 @@ def export(student_uri: str, store: str, teacher_sha256: str | None = None, dtyp
 
 
 def _export_summary(report: Mapping[str, Any]) -> dict[str, Any]:
-    return {"file": report["file"], "sha256": report["sha256"], "dtype": report["dtype"]}
+    summary = {"file": report["file"], "sha256": report["sha256"], "dtype": report["dtype"]}
+    if report.get("workflow"):  # exports written before workflows existed have none
+        summary.update(workflow=report["workflow"], sampling=report["sampling"])
+    return summary
 
 
 def register(
