@@ -124,3 +124,12 @@ def test_export_header_sampling_drives_generation_from_the_file(
     export_student(ship_student, tmp_path / "s.safetensors", dtype="fp32")
     generate(tmp_path / "s.safetensors", tiny_teacher, PROMPT, tmp_path / "f.png")
     assert spy.calls[-1]["guidance_scale"] == 1.0 and spy.calls[-1]["num_inference_steps"] == 2
+
+
+def test_a_negative_prompt_on_a_folded_model_is_reported_unused(
+    ship_student: Path, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy(monkeypatch)
+    report = generate(ship_student, tiny_teacher, PROMPT, tmp_path / "a.png", negative_prompt="blurry")
+    assert spy.calls[-1]["negative_prompt"] is None and not spy.calls[-1]["cfg"]
+    assert report["sampling_notes"] == ["negative prompt ignored: guidance 1 runs no negative pass"]

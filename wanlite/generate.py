@@ -95,12 +95,17 @@ def generate(
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out: expected a .png file, found {out}")
     student, arch, source, recorded = load_model(model, tracking_uri=tracking_uri)
-    sampling, notes = resolve_sampling(
-        recorded, source, steps=steps, guidance=guidance, negative_prompt=True if negative_prompt else None
-    )
+    sampling, notes = resolve_sampling(recorded, source, steps=steps, guidance=guidance)
+    if negative_prompt and not sampling.uses_cfg:
+        notes.append("negative prompt ignored: guidance 1 runs no negative pass")
+    elif negative_prompt:
+        notes.append("negative prompt given by the caller")
     for note in notes:
         log.warning("%s", note)
-    negative = (negative_prompt or NEGATIVE_PROMPT) if sampling.negative_prompt else None
+    if sampling.uses_cfg:
+        negative = negative_prompt or (NEGATIVE_PROMPT if sampling.negative_prompt else "")
+    else:
+        negative = None
     preset = preset_for(arch)
     size = size or (preset.image_size if preset else PRESETS["lite-1024"].image_size)
     if size % 16:
