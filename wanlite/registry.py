@@ -185,15 +185,17 @@ def register(
     `training_run_id`: the MLflow run (on the same tracking server) that trained
     the student; the version links to it and its evaluation is logged there.
     """
+    import mlflow
     from mlflow import MlflowClient
 
     arch = student_arch(shipment.student_dir)
     preset = preset or _preset_name(arch, shipment.student_dir)
     teacher_sha256 = teacher_sha256 or shipment.export_report.get("metadata", {}).get("teacher_sha256")
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.create_run(_experiment_id(client, experiment), run_name=f"register-{preset}")
+    run = client.create_run(_experiment_id(client, experiment, tracking_uri), run_name=f"register-{preset}")
     run_id = run.info.run_id
-    training = training_run_info(client, training_run_id)
+    training = training_run_info(client, training_run_id, tracking_uri)
     card = model_card_for(shipment, arch, preset, model_name(preset), teacher_sha256, data_hash, training)
     try:
         _log_run(client, run_id, shipment, arch_params(arch, preset, teacher_sha256, data_hash, params))
@@ -203,7 +205,7 @@ def register(
         client.set_terminated(run_id, "FAILED")
         raise
     report = _create_version(client, run, shipment, model_name(preset), teacher_sha256, data_hash)
-    return describe_version(client, report, shipment, card, training)
+    return describe_version(client, report, shipment, card, training, tracking_uri)
 
 
 def arch_params(
@@ -296,11 +298,11 @@ def _champion(client: Any, name: str) -> tuple[str, float] | None:
     return current.version, float(current.tags.get(SCORE_TAG, "inf"))
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=experiment_artifact_location(client))
+    return client.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri))
 
 
 def _preset_name(arch: Any, student_dir: Path) -> str:
@@ -314,11 +316,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-
 # --- what users see: sampling, workflow, model card, lineage ----------------------------------
 
 
-def experiment_artifact_location(client: Any) -> str | None:
+def experiment_artifact_location(tracking_uri: str) -> str | None:
     """Where a new experiment's artifacts go: never MLflow's default `./mlruns` in the working directory.
 
     A SQLite store keeps them in `mlartifacts/` beside its database; a tracking
@@ -326,7 +327,7 @@ def experiment_artifact_location(client: Any) -> str | None:
     """
     from wanlite.distill.tracking import local_artifact_location
 
-    return local_artifact_location(client._tracking_client.tracking_uri)
+    return local_artifact_location(tracking_uri)
 
 
 def shipment_sampling(ship: Shipment) -> Sampling | None:
@@ -334,7 +335,7 @@ def shipment_sampling(ship: Shipment) -> Sampling | None:
     return load_sampling(ship.student_dir) or from_header(ship.export_report.get("metadata"), str(ship.export_file))
 
 
-def training_run_info(client: Any, run_id: str | None) -> dict[str, Any] | None:
+def training_run_info(client: Any, run_id: str | None, tracking_uri: str) -> dict[str, Any] | None:
     """{run_id, url, experiment_id, params} of the training run, or None when unknown or not on this server."""
     from mlflow.exceptions import MlflowException
 
@@ -345,11 +346,10 @@ def training_run_info(client: Any, run_id: str | None) -> dict[str, Any] | None:
     except MlflowException:
         log.warning("training run %s is not on this tracking server; the version will not link to it", run_id)
         return None
-    uri = client._tracking_client.tracking_uri
     return {
         "run_id": run_id,
         "experiment_id": run.info.experiment_id,
-        "url": mlflow_run_url(uri, run.info.experiment_id, run_id),
+        "url": mlflow_run_url(tracking_uri, run.info.experiment_id, run_id),
         "params": dict(run.data.params),
     }
 
@@ -377,8 +377,9 @@ def log_usability(client: Any, run_id: str, ship: Shipment, card: str) -> None:
 
 
 def describe_version(
-    client: Any, report: dict[str, Any], ship: Shipment, card: str, training: Mapping[str, Any] | None
-) -> dict[str, Any]:
+    client: Any, report: dict[str, Any], ship: Shipment, card: str, training: Mapping[str, Any] | None,
+    tracking_uri: str,
+) -> dict[str, Any]:  # fmt: skip
     """Card as the version's description; sampling, workflow and training-run tags; evaluation on the training run."""
     name, version = report["name"], report["version"]
     header = f"Version {version} of `{name}`; registered by run `{report['run_id']}`.\n\n"
@@ -397,7 +398,7 @@ def describe_version(
         _annotate_training_run(client, training["run_id"], report, ship)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    url = mlflow_version_url(client._tracking_client.tracking_uri, name, version)
+    url = mlflow_version_url(tracking_uri, name, version)
     return {**report, "tags": {**report["tags"], **tags}, "version_url": url, "training_run_id":
             training["run_id"] if training else None}  # fmt: skip
 
