@@ -107,7 +107,9 @@ def summary_markdown(spec: dag.RunSpec, outputs: dict[str, dict[str, Any]]) -> s
             f"- aliases: {', '.join(model['aliases'])}",
             f"- ComfyUI file: `{exported['uri']}/{exported['file']}` (sha256 `{exported['sha256'][:16]}…`)",
             f"- download: `wanlite download models:/{model['name']}@{dag.best_alias(model)} --comfyui PATH`",
-            f"- MLflow: {spec.tracking_uri}",
+            f"- MLflow: [{model['name']} version {model['version']}]({model['version_url']})"
+            if model.get("version_url")
+            else f"- MLflow (no web server): `mlflow ui --backend-store-uri {spec.tracking_uri}`",
             "",
             markdown_table(rows),
         ]

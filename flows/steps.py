@@ -144,6 +144,7 @@ def train_flow(
     guided: bool,
     seed: int,
     nproc: int | None,
+    sample_steps: int = 40,
 ) -> dict[str, Any]:
     """Distil the student (torchrun over every local GPU, FSDP2); progress is a live artifact."""
     artifact = create_progress_artifact(0.0, key="train-progress", description=f"{preset}: {steps} steps")
@@ -170,6 +171,7 @@ def train_flow(
         seed=seed,
         nproc=nproc,
         on_progress=on_progress,
+        sample_steps=sample_steps,
     )
 
 
@@ -230,6 +232,7 @@ def register_flow(
     preset: str,
     teacher_sha256: str | None,
     data_hash: str | None,
+    training_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Gate on every report, then create the MLflow model version and its aliases."""
     result = step_task("register", dag.register)(
@@ -241,10 +244,13 @@ def register_flow(
         preset=preset,
         teacher_sha256=teacher_sha256,
         data_hash=data_hash,
+        training_run_id=training_run_id,
     )
+    link = f"- MLflow: [{result['name']} version {result['version']}]({result['version_url']})\n"
     create_markdown_artifact(
         f"# Registered `{result['name']}` version {result['version']}\n\n"
         f"- aliases: {', '.join(result['aliases'])}\n- URI: `{result['uri']}`\n"
+        f"{link if result.get('version_url') else ''}"
         f"- download: `wanlite download models:/{result['name']}@{dag.best_alias(result)} --comfyui PATH`\n",
         key="registered-model",
     )

@@ -20,6 +20,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from wanlite.checkpoint.reader import TeacherReader
 from wanlite.cli import main as cli
@@ -28,6 +29,7 @@ from wanlite.distill import objective
 from wanlite.distill.checkpointing import checkpoint_key, latest_checkpoint, read_trainer_state
 from wanlite.distill.data import EmbeddingSet, LatentSet
 from wanlite.distill.launch import child_env, distill, torchrun_command
+from wanlite.sampling import load_sampling, student_sampling
 from wanlite.storage import Store
 from wanlite.student import WanLiteStudent
 
@@ -64,6 +66,8 @@ def test_loss_falls_and_the_run_is_published_and_tracked(
     assert result["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert result["weights"] == "raw" and result["student_uri"].endswith(f"runs/{result['run']}/final")
     WanTransformer3DModel.from_pretrained(run.folder)  # stock diffusers loads the student too
+    # --no-cfg: conditional targets, so the student records CFG; its steps are the grid's.
+    assert load_sampling(run.folder) == student_sampling(guided=False, steps=2)
 
     client = MlflowClient(mlflow_server)
     tracked = client.get_run(result["mlflow_run_id"])
@@ -74,6 +78,9 @@ def test_loss_falls_and_the_run_is_published_and_tracked(
     assert len(client.get_metric_history(result["mlflow_run_id"], "loss")) == 12
     grids = [a.path for a in client.list_artifacts(result["mlflow_run_id"], "grids")]
     assert grids == ["grids/step-00000012.png"]
+    local = Path(client.download_artifacts(result["mlflow_run_id"], grids[0], str(tmp_path)))
+    with Image.open(local) as grid:
+        assert grid.width >= 512, "large enough for a person to judge"
 
 
 @torch.no_grad()

@@ -37,6 +37,31 @@ def test_registered_version_downloads_and_reloads_to_the_same_outputs(
     assert again["action"] == "already present"
 
 
+def test_download_installs_the_workflow_with_the_models_settings(
+    registered: dict, shipped: Shipped, comfyui_dir: Path
+) -> None:
+    from wanlite.sampling import load_sampling
+    from wanlite.workflow import workflow_settings
+
+    report = download(f"models:/{registered['name']}@champion", comfyui_dir, tracking_uri=registered["tracking_uri"])
+    installed = comfyui_dir / "user" / "default" / "workflows" / "wanlite-tiny.workflow.json"
+    assert report["workflow"] == str(installed)
+    recorded = load_sampling(shipped.student)
+    settings = workflow_settings(json.loads(installed.read_text()))
+    assert (settings["shift"], settings["steps"], settings["cfg"]) == (recorded.shift, recorded.steps, recorded.guidance)
+    assert [p.name for p in installed.parent.iterdir()] == [installed.name], "no temp left"
+    for path in (installed, Path(report["path"])):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), f"{path}: mode follows the umask"
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_a_different_file_is_never_overwritten_silently(
     registered: dict, comfyui_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:

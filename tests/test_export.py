@@ -189,8 +189,47 @@ def test_export_to_a_store_publishes_file_and_report_under_a_manifest(ship_stude
     report = export_student(ship_student, uri, dtype="bf16")
     assert report["uri"] == f"{uri}/wanlite-tiny.safetensors"
     manifest = store.read_manifest("exports/run-1")
-    assert set(manifest.files) == {"wanlite-tiny.safetensors", "export_report.json"}
+    assert set(manifest.files) == {"wanlite-tiny.safetensors", "wanlite-tiny.workflow.json", "export_report.json"}
     assert manifest.files["wanlite-tiny.safetensors"].sha256 == report["sha256"]
     local = store.local_dir("exports/run-1")
     assert read_export(local / "wanlite-tiny.safetensors").arch == TINY
     assert json.loads((local / "export_report.json").read_text())["sha256"] == report["sha256"]
+
+
+def test_header_records_the_students_sampling(fp32_export: tuple[Path, dict], ship_student: Path) -> None:
+    from wanlite.sampling import HEADER_KEY, Sampling, load_sampling
+
+    path, report = fp32_export
+    header = comfyui_detect(path)["metadata"]
+    assert Sampling.from_json(header[HEADER_KEY]) == load_sampling(ship_student)
+    assert report["sampling_recorded"] and report["sampling"] == load_sampling(ship_student).to_dict()
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then restore it."""
+    import os
+
+    saved = os.umask(0o022)
+    os.umask(saved)
+
+    def set_mask(mask: int) -> None:
+        os.umask(mask)
+
+    yield set_mask
+    os.umask(saved)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_export_into_a_new_folder_is_readable_per_umask(ship_student: Path, tmp_path: Path, umask, mask, mode) -> None:
+    umask(mask)
+    report = export_student(ship_student, tmp_path / "new" / "folder", dtype="bf16")
+    path = Path(report["path"])
+    assert path.parent == tmp_path / "new" / "folder" and path.name == "wanlite-tiny.safetensors"
+    assert path.stat().st_mode & 0o777 == mode, "mkstemp's 0600 would hide the file from ComfyUI run as another user"
+    assert Path(report["workflow"]).stat().st_mode & 0o777 == mode
+
+
+def test_out_that_is_a_file_with_another_suffix_is_refused(ship_student: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--out: expected a \.safetensors file"):
+        export_student(ship_student, tmp_path / "model.bin")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,17 @@ def test_demo_stops_at_an_invalid_teacher_and_registers_nothing(tiny_teacher: Pa
     assert {e.name for e in client.search_experiments()} >= {"wanlite", "wanlite-distill"}
     ours = [e for e in client.search_experiments() if e.name != "Default"]
     assert all(e.artifact_location.startswith(workdir.as_uri()) for e in ours)
+
+
+def test_run_summary_links_the_model_version_page_on_an_http_server() -> None:
+    from flows.distill import summary_markdown
+
+    outputs = {**fake_outputs(), "export": {"uri": "s3://b/exports/y", "file": "m.safetensors", "sha256": "a" * 64}}
+    register = {"name": "wanlite-tiny", "version": "3", "aliases": ["candidate", "champion"]}
+    url = "http://mlflow:5000/#/models/wanlite-tiny/versions/3"
+    spec = dag.RunSpec(tracking_uri="http://mlflow:5000", store="s3://b")
+    linked = summary_markdown(spec, {**outputs, "register": {**register, "version_url": url}})
+    assert f"[wanlite-tiny version 3]({url})" in linked
+    local = summary_markdown(dataclasses.replace(spec, tracking_uri="sqlite:////x/mlflow.db"),
+                             {**outputs, "register": {**register, "version_url": None}})  # fmt: skip
+    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in local and "](" not in local.split("MLflow")[1]

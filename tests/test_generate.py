@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,76 @@ def test_bad_generate_inputs_are_refused(ship_student: Path, tiny_teacher: Path,
     assert cli.main(argv) == 2
     assert "corrupt.safetensors: not a complete safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+class _Spy:
+    """Records what `WanPipeline.__call__` was asked for and what the pipeline did, then runs the real call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from diffusers import WanPipeline
+
+        self.calls: list[dict] = []
+        real = WanPipeline.__call__
+
+        def call(pipe, *args, **kwargs):
+            out = real(pipe, *args, **kwargs)
+            self.calls.append({**kwargs, "cfg": pipe.do_classifier_free_guidance,
+                               "timesteps": len(pipe.scheduler.timesteps), "shift": pipe.scheduler.config.flow_shift})  # fmt: skip
+            return out
+
+        monkeypatch.setattr(WanPipeline, "__call__", call)
+
+
+def test_guidance_and_steps_come_from_the_model(
+    ship_student: Path, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folded-guidance student (the DAG's default) samples at guidance 1 with no negative pass, its own steps."""
+    from wanlite.sampling import load_sampling, save_sampling, student_sampling
+
+    recorded = load_sampling(ship_student)
+    assert recorded.guidance == 1.0 and recorded.steps == 2
+    spy = _Spy(monkeypatch)
+    report = generate(ship_student, tiny_teacher, PROMPT, tmp_path / "a.png")
+    call = spy.calls[-1]
+    assert call["guidance_scale"] == 1.0 and not call["cfg"] and call["negative_prompt"] is None
+    assert call["num_inference_steps"] == 2 and call["timesteps"] == 2 and call["shift"] == 12.0
+    assert report["sampling_from_model"] and report["sampling_notes"] == []
+
+    # A CFG student records CFG: the same call now runs the negative pass with Wan's negative prompt.
+    cfg_student = tmp_path / "cfg"
+    shutil.copytree(ship_student, cfg_student)
+    save_sampling(cfg_student, student_sampling(guided=False, steps=3, shift=5.0))
+    generate(cfg_student, tiny_teacher, PROMPT, tmp_path / "b.png")
+    call = spy.calls[-1]
+    assert call["guidance_scale"] == 3.0 and call["cfg"] and call["negative_prompt"]
+    assert call["num_inference_steps"] == 3 and call["shift"] == 5.0
+
+
+def test_flags_override_the_model_and_the_report_says_so(
+    ship_student: Path, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy(monkeypatch)
+    report = generate(ship_student, tiny_teacher, PROMPT, tmp_path / "a.png", steps=1, guidance=2.5)
+    call = spy.calls[-1]
+    assert call["num_inference_steps"] == 1 and call["guidance_scale"] == 2.5 and call["cfg"]
+    assert not report["sampling_from_model"]
+    assert report["sampling_notes"] == ["overridden steps: 2 -> 1", "overridden guidance: 1.0 -> 2.5",
+                                        "overridden negative_prompt: False -> True (follows guidance)"]  # fmt: skip
+
+
+def test_export_header_sampling_drives_generation_from_the_file(
+    ship_student: Path, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy(monkeypatch)
+    export_student(ship_student, tmp_path / "s.safetensors", dtype="fp32")
+    generate(tmp_path / "s.safetensors", tiny_teacher, PROMPT, tmp_path / "f.png")
+    assert spy.calls[-1]["guidance_scale"] == 1.0 and spy.calls[-1]["num_inference_steps"] == 2
+
+
+def test_a_negative_prompt_on_a_folded_model_is_reported_unused(
+    ship_student: Path, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = _Spy(monkeypatch)
+    report = generate(ship_student, tiny_teacher, PROMPT, tmp_path / "a.png", negative_prompt="blurry")
+    assert spy.calls[-1]["negative_prompt"] is None and not spy.calls[-1]["cfg"]
+    assert report["sampling_notes"] == ["negative prompt ignored: guidance 1 runs no negative pass"]

@@ -23,6 +23,7 @@ from wanlite.projection import ProjectionError, project_student
 from wanlite.projection.calibrate import CalibrationError, build_calibration_set, collect_statistics, high_noise_share
 from wanlite.projection.project import REPORT_JSON, build_student_state
 from wanlite.projection.select import importance_selection, uniform_selection
+from wanlite.sampling import load_sampling, student_sampling
 from wanlite.student import WanLiteStudent
 
 HIGH, LOW = EXPERT_DIRS
@@ -233,6 +234,8 @@ def test_projected_student_loads_without_the_teacher(planted_teacher, tmp_path):
     project_student(teacher, HALF_SHALLOW, out_dir=tmp_path / "student", method="uniform")
     config = (tmp_path / "student" / "config.json").read_text()
     assert str(teacher) not in config and "teacher" not in config
+    # A slice of the teacher has no guidance folded in: it records the teacher-like CFG settings.
+    assert load_sampling(tmp_path / "student") == student_sampling(guided=False)
     teacher.rename(tmp_path / "moved-away")  # root ignores chmod 000, so the teacher is moved instead
     result = subprocess.run(
         [sys.executable, "-c", _LOAD_ALONE, str(tmp_path / "student")],

@@ -54,11 +54,13 @@ def test_registered_version_has_run_artifacts_tags_and_aliases(registered: dict,
     assert run.data.params["preset"] == name.removeprefix("wanlite-") and run.data.params["arch.dim"] == "128"
     assert run.data.metrics["eval_score"] == evaluation["score"]
     listed = {f.path for f in client.list_artifacts(run.info.run_id, "model/comfyui")}
-    assert listed == {"model/comfyui/wanlite-tiny.safetensors"}
+    assert listed == {"model/comfyui/wanlite-tiny.safetensors", "model/comfyui/wanlite-tiny.workflow.json"}
     assert {f.path for f in client.list_artifacts(run.info.run_id, "reports")} >= {
         "reports/export.json", "reports/roundtrip.json", "reports/evaluate",
     }  # fmt: skip
-    assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == ["samples/grid.png"]
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == [
+        "samples/grid.png", "samples/teacher_vs_student.png",
+    ]  # fmt: skip
     assert "model/diffusers/config.json" in {f.path for f in client.list_artifacts(run.info.run_id, "model/diffusers")}
 
 
@@ -156,3 +158,66 @@ def test_eval_report_may_be_given_as_its_folder(shipped: Shipped) -> None:
     shipment = check_shipment(shipped.student, shipped.export_file, export_report=shipped.export_report,
                               roundtrip_report=shipped.roundtrip_report, eval_report=shipped.eval_dir)  # fmt: skip
     assert shipment.grid == shipped.eval_dir / "grid.png"
+
+
+# --- what users see: card, sampling, lineage, where artifacts go --------------------------------
+
+
+def test_version_carries_card_sampling_and_workflow(registered: dict, shipped: Shipped, tmp_path: Path) -> None:
+    from mlflow.artifacts import download_artifacts
+
+    from wanlite.sampling import from_tags, load_sampling
+
+    client = MlflowClient(tracking_uri=registered["tracking_uri"])
+    mv = client.get_model_version(registered["name"], registered["version"])
+    assert from_tags(mv.tags) == load_sampling(shipped.student)
+    assert mv.tags["wanlite_sampling.guidance"] == "1.0" and mv.tags["comfyui_workflow"] == "wanlite-tiny.workflow.json"
+    card = Path(download_artifacts(f"{mv.source}/README.md", dst_path=str(tmp_path),
+                                   tracking_uri=registered["tracking_uri"])).read_text()  # fmt: skip
+    assert mv.description.endswith(card), "the stored README is the version's description"
+    for needed in ("parameters", "7e" * 32, "do **not** add CFG", "ModelSamplingSD3", "velocity_rel_mse",
+                   "Apache License 2.0", "WanTransformer3DModel.from_pretrained"):  # fmt: skip
+        assert needed in card, needed
+    assert registered["version_url"].startswith(registered["tracking_uri"])
+    assert registered["version_url"].endswith(f"#/models/{registered['name']}/versions/{registered['version']}")
+    image = client.list_artifacts(registered["run_id"], "samples")
+    assert any(f.path == "samples/teacher_vs_student.png" and f.file_size > 0 for f in image)
+
+
+def test_version_links_to_its_training_run(shipped: Shipped, mlflow_server: str, tmp_path: Path) -> None:
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.create_experiment(f"train-{uuid.uuid4().hex[:6]}")
+    training = client.create_run(experiment, run_name="distill")
+    client.log_param(training.info.run_id, "lr", "0.001")
+    client.set_terminated(training.info.run_id)
+    report = register(_shipment(shipped, tmp_path), tracking_uri=mlflow_server,
+                      preset=f"tiny-{uuid.uuid4().hex[:8]}", training_run_id=training.info.run_id)  # fmt: skip
+    mv = client.get_model_version(report["name"], report["version"])
+    url = f"{mlflow_server}/#/experiments/{experiment}/runs/{training.info.run_id}"
+    assert mv.tags["training_run_id"] == training.info.run_id and mv.tags["training_run_url"] == url
+    assert f"[{training.info.run_id}]({url})" in mv.description and "| lr | 0.001 |" in mv.description
+    trained = client.get_run(training.info.run_id)
+    assert trained.data.tags["wanlite.registered_version"] == report["uri"]
+    evaluation = json.loads(shipped.eval_report.read_text())
+    assert trained.data.metrics["eval.eval_score"] == evaluation["score"], "evaluation as real metrics on the run"
+    assert [f.path for f in client.list_artifacts(training.info.run_id, "evaluation")] == [
+        "evaluation/teacher_vs_student.png"
+    ]
+
+
+def test_registering_from_an_empty_directory_writes_nothing_there(
+    shipped: Shipped, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain SQLite tracking URI and a new experiment: MLflow's default would put artifacts in ./mlruns."""
+    cwd, db = tmp_path / "cwd", tmp_path / "tracking" / "mlflow.db"
+    cwd.mkdir()
+    db.parent.mkdir()
+    shipment = _shipment(shipped, tmp_path)
+    monkeypatch.chdir(cwd)
+    uri = f"sqlite:///{db}"
+    report = register(shipment, tracking_uri=uri, preset="tiny", experiment=f"fresh-{uuid.uuid4().hex[:6]}")
+    assert list(cwd.iterdir()) == [], "registration wrote into the working directory"
+    client = MlflowClient(tracking_uri=uri)
+    source = client.get_model_version(report["name"], report["version"]).source
+    assert source.startswith((db.parent / "mlartifacts").as_uri())
+    assert report["version_url"] is None, "no web server to link to"

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from easydict import EasyDict
+
 HEAD_DIM = 128
 """ComfyUI hard-codes head_dim 128 (num_heads = dim // 128); RoPE splits it 44/42/42."""
 
@@ -28,6 +30,20 @@ SAMPLE_STEPS = 40
 GUIDANCE_HIGH = 4.0
 GUIDANCE_LOW = 3.0
 EXPERTS = ("high_noise_model", "low_noise_model")
+
+T2V_A14B = EasyDict(
+    __name__="Config: Wan T2V A14B (sampling)",
+    num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+    boundary=BOUNDARY_RATIO,
+    sample_shift=SAMPLE_SHIFT,
+    sample_steps=SAMPLE_STEPS,
+    sample_solver="unipc",
+    sample_guide_scale=(GUIDANCE_LOW, GUIDANCE_HIGH),
+    low_noise_checkpoint=EXPERTS[1],
+    high_noise_checkpoint=EXPERTS[0],
+)
+"""The teacher's sampler settings under the names of the official `wan/configs/wan_t2v_A14B.py`
+(`t2v_A14B`), so readers of Wan's code recognise them; `sample_guide_scale` is (low-noise, high-noise)."""
 
 # Vocabulary the command line shows in --help; kept here, import-light, so that
 # `wanlite --help` never loads torch or diffusers.

@@ -126,7 +126,7 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
         # Blending both experts gives the tiny student a start in both noise
         # ranges, so a couple dozen steps clear the evaluation gate in each.
         "num_prompts": 8,
-        "num_eval_prompts": 1,
+        "num_eval_prompts": 3,  # several prompts in the grid a person judges on the registry page
         "sample_steps": 4,
         "projection_expert": "mix",
         "steps": 24,
@@ -299,8 +299,13 @@ def train(
     seed: int = 0,
     nproc: int | None = None,
     on_progress: Progress | None = None,
+    sample_steps: int = 40,
 ) -> dict[str, Any]:
-    """Distil (or resume, or return the finished run); `nproc` None: every local GPU, else one CPU rank."""
+    """Distil (or resume, or return the finished run); `nproc` None: every local GPU, else one CPU rank.
+
+    `sample_steps`: the student's recorded sampling steps, also used for the
+    teacher-vs-student grid (4 prompts) logged to the training run at its end.
+    """
     from wanlite.distill.data import artifact_digest
     from wanlite.distill.launch import distill
     from wanlite.distill.options import TrainConfig, default_run_name, fingerprint
@@ -311,7 +316,7 @@ def train(
         teacher=teacher_uri, data=data_uri, embeddings=embeddings_uri, init=init_uri, preset=preset, out=store,
         steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every,
         log_every=max(1, min(10, steps // 4)), ema_decay=ema_decay, cfg=guided, seed=seed, mlflow_uri=tracking_uri,
-        resume=True, progress=False,
+        resume=True, progress=False, grid_every=steps, grid_steps=sample_steps,
     )  # fmt: skip
     # The run name is what the ranks derive themselves; fixing it up front lets
     # us find a finished run and watch checkpoints appear for progress.
@@ -405,7 +410,10 @@ def export(student_uri: str, store: str, teacher_sha256: str | None = None, dtyp
 
 
 def _export_summary(report: Mapping[str, Any]) -> dict[str, Any]:
-    return {"file": report["file"], "sha256": report["sha256"], "dtype": report["dtype"]}
+    summary = {"file": report["file"], "sha256": report["sha256"], "dtype": report["dtype"]}
+    if report.get("workflow"):  # exports written before workflows existed have none
+        summary.update(workflow=report["workflow"], sampling=report["sampling"])
+    return summary
 
 
 def register(
@@ -417,8 +425,12 @@ def register(
     preset: str,
     teacher_sha256: str | None = None,
     data_hash: str | None = None,
+    training_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Gate on every report, then create (or find) the model version and its aliases."""
+    """Gate on every report, then create (or find) the model version and its aliases.
+
+    `training_run_id`: the MLflow run that trained the student; the version links to it.
+    """
     from wanlite import registry
     from wanlite.evaluate import REPORT_JSON as EVAL_REPORT
     from wanlite.pipeline import local_path
@@ -433,7 +445,8 @@ def register(
     if existing is not None:
         return existing
     return registry.register(
-        shipment, tracking_uri=tracking_uri, preset=preset, teacher_sha256=teacher_sha256, data_hash=data_hash
+        shipment, tracking_uri=tracking_uri, preset=preset, teacher_sha256=teacher_sha256, data_hash=data_hash,
+        training_run_id=training_run_id,
     )
 
 
@@ -555,7 +568,8 @@ def wire(step: str, spec: RunSpec, out: Mapping[str, Mapping[str, Any]]) -> dict
                 "init_uri": out["project"]["uri"], "store": store, "tracking_uri": spec.tracking_uri,
                 "preset": spec.preset, "steps": spec.steps, "batch_size": spec.batch_size, "lr": spec.lr,
                 "warmup_steps": spec.warmup_steps, "checkpoint_every": spec.checkpoint_every,
-                "ema_decay": spec.ema_decay, "guided": spec.guided, "seed": spec.seed, "nproc": spec.nproc}  # fmt: skip
+                "ema_decay": spec.ema_decay, "guided": spec.guided, "seed": spec.seed, "nproc": spec.nproc,
+                "sample_steps": spec.sample_steps}  # fmt: skip
     student = out["train"]["student_uri"]
     if step == "evaluate":
         return {"student_uri": student, "teacher_uri": teacher, "store": store, "prompts": spec.eval_prompts,
@@ -569,7 +583,8 @@ def wire(step: str, spec: RunSpec, out: Mapping[str, Mapping[str, Any]]) -> dict
     if step == "register":
         return {"student_uri": student, "export_uri": out["export"]["uri"], "roundtrip_uri": out["round-trip"]["uri"],
                 "eval_uri": out["evaluate"]["uri"], "tracking_uri": spec.tracking_uri, "preset": spec.preset,
-                "teacher_sha256": teacher_sha, "data_hash": out["teacher-data"]["digest"]}  # fmt: skip
+                "teacher_sha256": teacher_sha, "data_hash": out["teacher-data"]["digest"],
+                "training_run_id": out["train"].get("mlflow_run_id")}  # fmt: skip
     raise ConfigError(f"step: unknown step {step!r}; the DAG is {' -> '.join(STEPS)}")
 
 

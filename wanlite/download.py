@@ -5,7 +5,10 @@ a file that does not match it is never placed. An existing file under the same
 name is left alone unless it is byte-identical (nothing to do) or `force` is
 given, because silently replacing a user's model breaks their workflows. The
 file is downloaded next to its destination (same filesystem) and renamed into
-place, so ComfyUI never lists a partial file.
+place, so ComfyUI never lists a partial file. The version's ComfyUI workflow
+(its sampling settings in nodes) goes into ComfyUI's user workflows folder,
+`user/default/workflows/`, where the Workflows sidebar lists it. Both files get
+the mode the user's umask gives (0644 by default).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wanlite.export import file_sha256, read_export
-from wanlite.registry import COMFYUI_FILE_TAG, COMFYUI_SHA_TAG, RegistryError
+from wanlite.export import file_sha256, read_export, readable_mode
+from wanlite.registry import COMFYUI_FILE_TAG, COMFYUI_SHA_TAG, COMFYUI_WORKFLOW_TAG, RegistryError
 
 log = logging.getLogger(__name__)
 
 COMFY_MODELS_SUBDIR = Path("models") / "diffusion_models"
+COMFY_WORKFLOWS_SUBDIR = Path("user") / "default" / "workflows"
+"""Where ComfyUI's frontend keeps the default user's saved workflows (its user directory, `user/default/`)."""
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -156,7 +161,35 @@ def download(
                 "not placed"
             )
         read_export(local)
+        local.chmod(readable_mode())
         _place(local, target)
     log.info("placed %s (version %s of %s)", target, version.version, version.name)
-    return {**report, "action": "replaced" if replacing else "downloaded"}
+    workflow = install_workflow(version, Path(comfyui), tracking_uri=tracking_uri)
+    return {**report, "action": "replaced" if replacing else "downloaded", "workflow": workflow}
+
+
+def install_workflow(version: Any, comfyui: Path, *, tracking_uri: str | None = None) -> str | None:
+    """Place the version's ComfyUI workflow in `<comfyui>/user/default/workflows/`; its path, or None.
+
+    Versions registered before workflows existed have none (None). An existing
+    workflow of the same name is replaced: it is ours, named after the export.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    name = version.tags.get(COMFYUI_WORKFLOW_TAG)
+    if not name:
+        log.warning("version %s of %s has no ComfyUI workflow (registered before workflows existed)",
+                    version.version, version.name)  # fmt: skip
+        return None
+    folder = comfyui / COMFY_WORKFLOWS_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    with tempfile.TemporaryDirectory(prefix=".wanlite-workflow-", dir=folder) as tmp:
+        local = Path(
+            download_artifacts(artifact_uri=f"{version.source}/comfyui/{name}", dst_path=tmp, tracking_uri=tracking_uri)
+        )
+        local.chmod(readable_mode())
+        os.replace(local, target)
+    log.info("placed workflow %s", target)
+    return str(target)
 

@@ -47,6 +47,7 @@ from wanlite.distill.objective import Expert, add_noise, predict, routes_high, t
 from wanlite.export import dir_sha256, load_student, preset_for
 from wanlite.pipeline import build_pipeline, decode_latents, load_vae, local_path
 from wanlite.prompts import NEGATIVE_PROMPT, load_prompts
+from wanlite.sampling import Sampling, load_sampling, student_sampling
 
 log = logging.getLogger(__name__)
 
@@ -147,29 +148,36 @@ def evaluate(
     num_prompts: int | None = None,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
-    steps: int = SAMPLE_STEPS,
+    steps: int | None = None,
     size: int | None = None,
-    guided: bool = False,
+    guided: bool | None = None,
     max_rel_mse: float = 1.0,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation, write `evaluation.json`, `evaluation.md` and `grid.png`; return the report.
 
-    `guided`: compare with the teacher's CFG-guided velocity (4.0 high / 3.0
-    low, Wan's negative prompt), for students distilled with guidance folded
-    in; they then sample without CFG. Otherwise both velocities are
-    conditional and the student samples with CFG 3.0. `device` defaults to
-    CUDA when available.
+    The student samples with its recorded settings (`wanlite_sampling.json`);
+    `steps` sets the teacher's steps (default: the student's) and overrides
+    the student's unless it has explicit sigmas; `guided` overrides whether
+    its guidance is folded in. `guided`:
+    compare with the teacher's CFG-guided velocity (4.0 high / 3.0 low, Wan's
+    negative prompt), for students distilled with guidance folded in (the
+    default when the record says guidance 1); they then sample without CFG.
+    Otherwise both velocities are conditional and the student samples with
+    CFG 3.0. The report lists every setting that was not the model's.
+    `device` defaults to CUDA when available.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _check_grid(sigmas, seeds, steps, max_rel_mse)
+    _check_grid(sigmas, seeds, steps if steps is not None else SAMPLE_STEPS, max_rel_mse)
     prompt_list = resolve_prompts(prompts, num_prompts)
     model, arch, student_dir = load_student(student)
+    sampling, guided, notes = evaluation_sampling(load_sampling(student_dir), str(student), steps, guided)
+    steps = steps if steps is not None else sampling.steps
     preset = preset_for(arch)
     size = size or (preset.image_size if preset else PRESETS["lite-1024"].image_size)
     if size % 16:
         raise ConfigError(f"size: expected a multiple of 16 (VAE 8 x patch 2), found {size}")
-    setup = _Setup.build(model, local_path(teacher), guided, device)
+    setup = _Setup.build(model, local_path(teacher), guided, device, sampling)
     with torch.no_grad():
         cond, uncond = setup.teacher_pipe.encode_prompt(
             prompt_list, [NEGATIVE_PROMPT] * len(prompt_list), do_classifier_free_guidance=True, max_sequence_length=512
@@ -178,7 +186,7 @@ def evaluate(
     for i, prompt in enumerate(prompt_list):
         for seed in seeds:
             log.info("evaluate: prompt %d/%d, seed %d", i + 1, len(prompt_list), seed)
-            t_lat, s_lat = setup.sample(cond[i : i + 1], uncond[i : i + 1], seed, size, steps)
+            t_lat, s_lat = setup.sample(cond[i : i + 1], uncond[i : i + 1], seed, size, steps, sampling.steps)
             negative = uncond[i : i + 1] if guided else None
             _velocity_grid(stats, model, setup.experts, t_lat, cond[i : i + 1], negative, sigmas, seed)
             teacher_latents.append(t_lat)
@@ -191,10 +199,34 @@ def evaluate(
             "teacher_fingerprint": setup.fingerprint, "prompts": prompt_list, "prompt_source": str(prompts),
             "seeds": list(seeds), "sigmas": list(sigmas), "steps": steps, "size": size, "guided": guided,
             "student_guidance": setup.student_cfg, "teacher_guidance": [GUIDANCE_HIGH, GUIDANCE_LOW],
+            "sampling": sampling.to_dict(), "sampling_notes": notes,
         },
     )  # fmt: skip
     _write_outputs(report, rows, out_dir)
     return report
+
+
+def evaluation_sampling(
+    recorded: Sampling | None, source: str, steps: int | None, guided: bool | None
+) -> tuple[Sampling, bool, list[str]]:
+    """The student's sampling for the evaluation, whether its targets are guided, and notes on overrides.
+
+    Without a record (a student written before records existed) the old
+    defaults apply: conditional targets, CFG 3.0, and the notes say so.
+    """
+    notes = []
+    if recorded is None:
+        recorded = student_sampling(guided=bool(guided), steps=steps or SAMPLE_STEPS)
+        notes.append(f"{source} records no sampling settings; assumed {recorded.to_json()}")
+    folded = recorded.guidance == 1.0
+    guided = folded if guided is None else guided
+    wanted = student_sampling(guided=guided, steps=recorded.steps, shift=recorded.shift)
+    # A schedule of explicit sigmas (a few-step student) keeps its own steps; `steps` then sets the teacher's only.
+    sampling, changed = recorded.overridden(
+        steps=steps if recorded.sigmas is None else None, guidance=None if guided == folded else wanted.guidance,
+        negative_prompt=None if guided == folded else wanted.negative_prompt,
+    )  # fmt: skip
+    return sampling, guided, notes + [f"overridden {c}" for c in changed]
 
 
 @dataclass
@@ -209,20 +241,21 @@ class _Setup:
     fingerprint: str
 
     @classmethod
-    def build(cls, student: Any, teacher_dir: Path, guided: bool, device: str) -> _Setup:
+    def build(cls, student: Any, teacher_dir: Path, guided: bool, device: str, sampling: Sampling) -> _Setup:
         reader = TeacherReader(teacher_dir)
         high = reader.load_expert("high_noise_model")
         low = reader.load_expert("low_noise_model")
         vae = load_vae(teacher_dir)
         teacher_pipe = build_pipeline(teacher_dir, high, low, vae=vae).to(device)
-        student_pipe = build_pipeline(teacher_dir, student, with_text_encoder=False, vae=vae).to(device)
+        student_pipe = build_pipeline(teacher_dir, student, with_text_encoder=False, vae=vae,
+                                      sampling=sampling).to(device)  # fmt: skip
         for pipe in (teacher_pipe, student_pipe):
             pipe.set_progress_bar_config(disable=True)
         experts = (Expert(high, GUIDANCE_HIGH if guided else 1.0), Expert(low, GUIDANCE_LOW if guided else 1.0))
-        return cls(teacher_pipe, student_pipe, vae, experts, 1.0 if guided else GUIDANCE_LOW, reader.fingerprint())
+        return cls(teacher_pipe, student_pipe, vae, experts, sampling.guidance, reader.fingerprint())
 
     def sample(
-        self, cond: torch.Tensor, uncond: torch.Tensor, seed: int, size: int, steps: int
+        self, cond: torch.Tensor, uncond: torch.Tensor, seed: int, size: int, steps: int, student_steps: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher and student latents [1, 16, 1, h, w] from the same initial noise (same seed)."""
         common = {
@@ -231,13 +264,15 @@ class _Setup:
             "height": size,
             "width": size,
             "num_frames": 1,
-            "num_inference_steps": steps,
             "output_type": "latent",
         }
         teacher = self.teacher_pipe(
-            **common, guidance_scale=GUIDANCE_HIGH, guidance_scale_2=GUIDANCE_LOW, generator=_gen(seed)
+            **common, num_inference_steps=steps, guidance_scale=GUIDANCE_HIGH, guidance_scale_2=GUIDANCE_LOW,
+            generator=_gen(seed),
+        ).frames  # fmt: skip
+        student = self.student_pipe(
+            **common, num_inference_steps=student_steps, guidance_scale=self.student_cfg, generator=_gen(seed)
         ).frames
-        student = self.student_pipe(**common, guidance_scale=self.student_cfg, generator=_gen(seed)).frames
         return teacher.float(), student.float()
 
 

@@ -34,6 +34,7 @@ from wanlite.checkpoint.transformer_keys import (
 )
 from wanlite.config import EXPORT_DTYPES, PRESETS, ConfigError, Preset, WanArch, load_student_config
 from wanlite.pipeline import local_path
+from wanlite.sampling import HEADER_KEY, Sampling, load_sampling, teacher_sampling
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,14 @@ def export_state_dict(
 
 
 def export_metadata(
-    arch: WanArch, dtype: str, *, source_sha256: str, teacher_sha256: str | None = None
+    arch: WanArch,
+    dtype: str,
+    *,
+    source_sha256: str,
+    teacher_sha256: str | None = None,
+    sampling: Sampling | None = None,
 ) -> dict[str, str]:
-    """Header metadata (safetensors allows only str -> str): architecture and provenance."""
+    """Header metadata (safetensors allows only str -> str): architecture, provenance, sampling settings."""
     meta = {
         "config": json.dumps({"transformer": comfy_config(arch)}),
         "format": "pt",
@@ -177,7 +183,20 @@ def export_metadata(
         meta["wanlite_preset"] = preset.name
     if teacher_sha256:
         meta["teacher_sha256"] = teacher_sha256
+    if sampling is not None:
+        meta[HEADER_KEY] = sampling.to_json()
     return meta
+
+
+def readable_mode() -> int:
+    """The mode a new file gets from the user's umask (0644 under the usual 022).
+
+    `mkstemp` creates files 0600 whatever the umask, which a ComfyUI running as
+    another user cannot read; exports and downloads are chmod-ed to this.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -187,6 +206,7 @@ def write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, readable_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -291,19 +311,37 @@ def export_student(
     `out`: a `.safetensors` path, an existing directory (the preset's default
     name inside), None (the default name in the current directory), or a store
     URI (`file://…`, `s3://…`) that receives the file and `export_report.json`
-    under a manifest written last.
+    under a manifest written last. A folder that does not exist yet (a path
+    without the `.safetensors` suffix) is created.
+
+    The student's sampling record goes into the header (`wanlite_sampling`)
+    and into a ComfyUI workflow written beside the file (`wanlite.workflow`).
+    A student without a record (written before records existed) gets the
+    teacher's settings in its workflow and nothing in its header.
     """
+    from wanlite.workflow import write_workflow
+
     torch_dtype = parse_dtype(dtype)
     model, arch, student_dir = load_student(student)
     tensors = export_state_dict(model.state_dict(), arch, torch_dtype, prefix=prefix)
     del model
-    metadata = export_metadata(arch, dtype, source_sha256=dir_sha256(student_dir), teacher_sha256=teacher_sha256)
+    sampling = load_sampling(student_dir)
+    if sampling is None:
+        log.warning("%s records no sampling settings; its workflow uses the teacher's", student_dir)
+    metadata = export_metadata(
+        arch, dtype, source_sha256=dir_sha256(student_dir), teacher_sha256=teacher_sha256, sampling=sampling
+    )
     name = export_name(arch)
+    size = preset_for(arch).image_size if preset_for(arch) else PRESETS["lite-1024"].image_size
+    workflow_sampling = sampling or teacher_sampling()
     if out is not None and "://" in str(out):
-        return _export_to_store(tensors, metadata, name, str(out))
+        return _export_to_store(tensors, metadata, name, str(out), workflow_sampling, size)
     target = _local_target(out, name)
     write_atomic(tensors, target, metadata)
     report = _report(target, metadata)
+    report["workflow"] = str(write_workflow(target, workflow_sampling, size=size))
+    report["sampling"] = workflow_sampling.to_dict()
+    report["sampling_recorded"] = sampling is not None
     log.info("exported %s (%s, %d tensors, sha256 %s)", target, dtype, len(tensors), report["sha256"][:12])
     return report
 
@@ -311,22 +349,33 @@ def export_student(
 def _local_target(out: str | Path | None, name: str) -> Path:
     if out is None:
         return Path.cwd() / name
-    out = Path(out)
+    text, out = str(out), Path(out)
     if out.is_dir():
         return out / name
-    if out.suffix != ".safetensors":
+    if out.suffix == ".safetensors" and not text.endswith(("/", os.sep)):
+        return out
+    if out.suffix:
         raise ConfigError(f"--out: expected a .safetensors file, a directory or a store URI, found {out}")
-    return out
+    if out.exists():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    out.mkdir(parents=True)
+    return out / name
 
 
-def _export_to_store(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str, uri: str) -> dict:
+def _export_to_store(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str, uri: str, sampling: Sampling, size: int
+) -> dict:
     from wanlite.storage import Store
+    from wanlite.workflow import write_workflow
 
     with tempfile.TemporaryDirectory(prefix="wanlite-export-") as tmp:
         target = Path(tmp) / name
         save_file(tensors, str(target), metadata=metadata)
         location = f"{uri.rstrip('/')}/{name}"
-        report = {**_report(target, metadata, location), "uri": location}
+        workflow = write_workflow(target, sampling, size=size)
+        report = {**_report(target, metadata, location), "uri": location,
+                  "workflow": f"{uri.rstrip('/')}/{workflow.name}", "sampling": sampling.to_dict(),
+                  "sampling_recorded": HEADER_KEY in metadata}  # fmt: skip
         (Path(tmp) / EXPORT_REPORT).write_text(json.dumps(report, indent=2))
         Store.from_env(uri).put_dir(tmp, "", meta={"kind": "export", "sha256": report["sha256"]})
     return report

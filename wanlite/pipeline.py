@@ -14,16 +14,25 @@ dicts, converted on load with diffusers' / our key maps) and the diffusers one
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from wanlite.checkpoint import components
 from wanlite.checkpoint.layout import NATIVE_T5, NATIVE_TOKENIZER, NATIVE_VAE, detect_layout
 from wanlite.config import BOUNDARY_RATIO, NUM_TRAIN_TIMESTEPS, SAMPLE_SHIFT
+from wanlite.sampling import Sampling
 
 TEXT_LEN = 512
 """Wan zero-pads T5 output to 512 tokens before `text_embedding` (cross-attention has no mask)."""
@@ -111,12 +120,32 @@ def make_scheduler(shift: float = SAMPLE_SHIFT) -> UniPCMultistepScheduler:
     )
 
 
+def scheduler_for(sampling: Sampling) -> Any:
+    """The diffusers scheduler a `Sampling` record names.
+
+    `unipc`: `make_scheduler(shift)`. `euler`: `FlowMatchEulerDiscreteScheduler`
+    with the same shift. Explicit sigmas: Euler with shift 1 (the sigmas are
+    already the noise levels) and `set_timesteps` bound to them, because stock
+    `WanPipeline` only ever calls `set_timesteps(num_inference_steps)`.
+    """
+    if sampling.sampler == "unipc":
+        if sampling.sigmas is not None:
+            raise ValueError("sampling: explicit sigmas need sampler 'euler', found 'unipc'")
+        return make_scheduler(sampling.shift)
+    if sampling.sigmas is None:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=sampling.shift)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+    scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=list(sampling.sigmas))
+    return scheduler
+
+
 def build_pipeline(
     teacher_dir: str | Path,
     transformer: WanTransformer3DModel,
     transformer_2: WanTransformer3DModel | None = None,
     *,
     shift: float = SAMPLE_SHIFT,
+    sampling: Sampling | None = None,
     with_text_encoder: bool = True,
     with_vae: bool = True,
     vae: AutoencoderKLWan | None = None,
@@ -132,18 +161,25 @@ def build_pipeline(
     `prompt_embeds`/`negative_prompt_embeds` (see `pad_embeddings`).
     `with_vae=False` leaves the VAE out too: such a pipeline can only return
     `output_type="latent"` (decode with `decode_latents`), which lets ranks that
-    only take part in a sharded model's forward skip loading it.
+    only take part in a sharded model's forward skip loading it. `sampling`
+    (a student's record) picks the scheduler and replaces `shift`; callers
+    still pass its steps and guidance to the call (`sampling_call_kwargs`).
     """
     root = local_path(teacher_dir)
     return WanPipeline(
         tokenizer=load_tokenizer(root) if with_text_encoder else None,
         text_encoder=load_text_encoder(root, dtype=text_dtype) if with_text_encoder else None,
         vae=vae if vae is not None or not with_vae else load_vae(root),
-        scheduler=make_scheduler(shift),
+        scheduler=scheduler_for(sampling) if sampling is not None else make_scheduler(shift),
         transformer=transformer,
         transformer_2=transformer_2,
         boundary_ratio=BOUNDARY_RATIO if transformer_2 is not None else None,
     )
+
+
+def sampling_call_kwargs(sampling: Sampling) -> dict[str, Any]:
+    """`WanPipeline.__call__` arguments a record fixes: steps and guidance (1: no CFG pass)."""
+    return {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance}
 
 
 # --- latent space ------------------------------------------------------------------------

@@ -27,7 +27,10 @@ from wanlite import __version__
 from wanlite.config import CANDIDATE, CHAMPION
 from wanlite.evaluate import REPORT_JSON
 from wanlite.export import EXPORT_REPORT, dir_sha256, file_sha256, preset_for, read_export, student_arch
+from wanlite.model_card import CARD_FILE, mlflow_run_url, mlflow_version_url, model_card
 from wanlite.pipeline import local_path
+from wanlite.sampling import Sampling, from_header, load_sampling, to_tags
+from wanlite.workflow import workflow_path
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,11 @@ SCORE_TAG = "eval_score"
 """Model-version tag holding the evaluation score; lower is better."""
 
 COMFYUI_FILE_TAG, COMFYUI_SHA_TAG = "comfyui_file", "comfyui_sha256"
+COMFYUI_WORKFLOW_TAG = "comfyui_workflow"
+"""Model-version tag naming the ComfyUI workflow file beside the export in `model/comfyui/`."""
+TRAINING_RUN_TAG, TRAINING_RUN_URL_TAG = "training_run_id", "training_run_url"
+REGISTERED_VERSION_TAG = "wanlite.registered_version"
+"""Tag set on the training run: the `models:/NAME/VERSION` it produced."""
 
 
 class RegistryError(ValueError):
@@ -170,23 +178,34 @@ def register(
     data_hash: str | None = None,
     experiment: str = "wanlite",
     params: Mapping[str, str] | None = None,
+    training_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Log the run, create the model version, set aliases; return a registration report."""
+    """Log the run, create the model version, set aliases; return a registration report.
+
+    `training_run_id`: the MLflow run (on the same tracking server) that trained
+    the student; the version links to it and its evaluation is logged there.
+    """
+    import mlflow
     from mlflow import MlflowClient
 
     arch = student_arch(shipment.student_dir)
     preset = preset or _preset_name(arch, shipment.student_dir)
     teacher_sha256 = teacher_sha256 or shipment.export_report.get("metadata", {}).get("teacher_sha256")
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.create_run(_experiment_id(client, experiment), run_name=f"register-{preset}")
+    run = client.create_run(_experiment_id(client, experiment, tracking_uri), run_name=f"register-{preset}")
     run_id = run.info.run_id
+    training = training_run_info(client, training_run_id, tracking_uri)
+    card = model_card_for(shipment, arch, preset, model_name(preset), teacher_sha256, data_hash, training)
     try:
         _log_run(client, run_id, shipment, arch_params(arch, preset, teacher_sha256, data_hash, params))
+        log_usability(client, run_id, shipment, card)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    return _create_version(client, run, shipment, model_name(preset), teacher_sha256, data_hash)
+    report = _create_version(client, run, shipment, model_name(preset), teacher_sha256, data_hash)
+    return describe_version(client, report, shipment, card, training, tracking_uri)
 
 
 def arch_params(
@@ -279,9 +298,11 @@ def _champion(client: Any, name: str) -> tuple[str, float] | None:
     return current.version, float(current.tags.get(SCORE_TAG, "inf"))
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found is not None else client.create_experiment(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri))
 
 
 def _preset_name(arch: Any, student_dir: Path) -> str:
@@ -294,3 +315,111 @@ def _preset_name(arch: Any, student_dir: Path) -> str:
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
+# --- what users see: sampling, workflow, model card, lineage ----------------------------------
+
+
+def experiment_artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: never MLflow's default `./mlruns` in the working directory.
+
+    A SQLite store keeps them in `mlartifacts/` beside its database; a tracking
+    server (None) decides, and proxies, its own artifact store.
+    """
+    from wanlite.distill.tracking import local_artifact_location
+
+    return local_artifact_location(tracking_uri)
+
+
+def shipment_sampling(ship: Shipment) -> Sampling | None:
+    """The shipped student's sampling record (its folder; else the export header)."""
+    return load_sampling(ship.student_dir) or from_header(ship.export_report.get("metadata"), str(ship.export_file))
+
+
+def training_run_info(client: Any, run_id: str | None, tracking_uri: str) -> dict[str, Any] | None:
+    """{run_id, url, experiment_id, params} of the training run, or None when unknown or not on this server."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        log.warning("training run %s is not on this tracking server; the version will not link to it", run_id)
+        return None
+    return {
+        "run_id": run_id,
+        "experiment_id": run.info.experiment_id,
+        "url": mlflow_run_url(tracking_uri, run.info.experiment_id, run_id),
+        "params": dict(run.data.params),
+    }
+
+
+def model_card_for(
+    ship: Shipment, arch: Any, preset: str, name: str, teacher_sha256: str | None, data_hash: str | None,
+    training: Mapping[str, Any] | None,
+) -> str:  # fmt: skip
+    grid = f"samples/{ship.grid.name}" if ship.grid is not None else None
+    return model_card(
+        name=name, arch=arch, preset=preset, sampling=shipment_sampling(ship), eval_report=ship.eval_report,
+        export_report=ship.export_report, teacher_sha256=teacher_sha256, data_hash=data_hash, training=training,
+        grid=grid,
+    )  # fmt: skip
+
+
+def log_usability(client: Any, run_id: str, ship: Shipment, card: str) -> None:
+    """The card and the ComfyUI workflow inside the version's folder; the grid as an image."""
+    client.log_text(run_id, card, f"{MODEL_DIR}/{CARD_FILE}")
+    workflow = workflow_path(ship.export_file)
+    if workflow.is_file():
+        client.log_artifact(run_id, str(workflow), f"{MODEL_DIR}/comfyui")
+    if ship.grid is not None:
+        client.log_image(run_id, viewable_grid(ship.grid), artifact_file="samples/teacher_vs_student.png")
+
+
+def describe_version(
+    client: Any, report: dict[str, Any], ship: Shipment, card: str, training: Mapping[str, Any] | None,
+    tracking_uri: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Card as the version's description; sampling, workflow and training-run tags; evaluation on the training run."""
+    name, version = report["name"], report["version"]
+    header = f"Version {version} of `{name}`; registered by run `{report['run_id']}`.\n\n"
+    client.update_model_version(name, version, description=header + card)
+    tags = {}
+    sampling = shipment_sampling(ship)
+    if sampling is not None:
+        tags.update(to_tags(sampling))
+    workflow = workflow_path(ship.export_file)
+    if workflow.is_file():
+        tags[COMFYUI_WORKFLOW_TAG] = workflow.name
+    if training:
+        tags[TRAINING_RUN_TAG] = training["run_id"]
+        if training.get("url"):
+            tags[TRAINING_RUN_URL_TAG] = training["url"]
+        _annotate_training_run(client, training["run_id"], report, ship)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    url = mlflow_version_url(tracking_uri, name, version)
+    return {**report, "tags": {**report["tags"], **tags}, "version_url": url, "training_run_id":
+            training["run_id"] if training else None}  # fmt: skip
+
+
+def _annotate_training_run(client: Any, run_id: str, report: Mapping[str, Any], ship: Shipment) -> None:
+    """The training run's page names the version, holds the evaluation as metrics and the grid as an image."""
+    from mlflow.entities import Metric
+
+    now_ms = int(time.time() * 1000)
+    client.set_tag(run_id, REGISTERED_VERSION_TAG, report["uri"])
+    metrics = [Metric(f"eval.{k}", v, now_ms, 0) for k, v in eval_metrics(ship.eval_report).items()]
+    client.log_batch(run_id, metrics=metrics)
+    if ship.grid is not None:
+        client.log_image(run_id, viewable_grid(ship.grid), artifact_file="evaluation/teacher_vs_student.png")
+
+
+def viewable_grid(path: Path) -> Any:
+    """The evaluation grid as an RGB image a person can judge (enlarged when small)."""
+    from PIL import Image
+
+    from wanlite.distill.tracking import viewable
+
+    with Image.open(path) as img:
+        return viewable(img.convert("RGB"))

@@ -100,6 +100,10 @@ def print_summary(outputs: dict[str, dict[str, Any]], workdir: Path, tracking_ur
     print()
     print(f"ComfyUI file:     {comfy_file}")
     print("                  (copy it to ComfyUI/models/diffusion_models/, or use `wanlite download` below)")
+    if exported.get("workflow"):
+        print(f"ComfyUI workflow: {exported['workflow'].removeprefix('file://')}")
+        print(f"                  (its sampling: {exported['sampling']['steps']} steps, shift "
+              f"{exported['sampling']['shift']:g}, cfg {exported['sampling']['guidance']:g})")  # fmt: skip
     print(f"registered model: models:/{model['name']}@{alias} (version {model['version']})")
     print(f"download:         wanlite download models:/{model['name']}@{alias} --comfyui PATH \\")
     print(f"                    --tracking-uri {tracking_uri}")

@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Resolve models:/NAME@ALIAS (or models:/NAME/VERSION) in the MLflow registry, download its "
             "ComfyUI .safetensors file, verify its sha256 against the one recorded at registration, and "
             "place it in <ComfyUI>/models/diffusion_models/ (renamed into place: never a partial file). A "
-            "different file already there is never overwritten silently: pass --force to replace it."
+            "different file already there is never overwritten silently: pass --force to replace it. The "
+            "version's ComfyUI workflow (Load Diffusion Model -> ModelSamplingSD3 with the model's shift -> "
+            "KSampler with its steps and CFG) goes to <ComfyUI>/user/default/workflows/."
         ),
     )
     parser.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION, e.g. models:/wanlite-tiny@champion")

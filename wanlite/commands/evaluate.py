@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from wanlite.config import EVAL_SEEDS, EVAL_SIGMAS, SAMPLE_STEPS
+from wanlite.config import EVAL_SEEDS, EVAL_SIGMAS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,12 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--sigmas", type=_floats, default=EVAL_SIGMAS, help=f"comma-separated sigma grid (default {EVAL_SIGMAS})"
     )
-    parser.add_argument("--steps", type=int, default=SAMPLE_STEPS, help=f"sampling steps (default {SAMPLE_STEPS})")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="sampling steps of the teacher and (unless it has explicit sigmas) the student "
+        "(default: the student's recorded sampling settings)",
+    )
     parser.add_argument("--size", type=int, help="image size (default: the preset's)")
     parser.add_argument(
         "--guided",
-        action="store_true",
-        help="compare with the teacher's CFG-guided velocity (for students with CFG folded in)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare with the teacher's CFG-guided velocity and sample the student without CFG (students with "
+        "CFG folded in); default: from the student's recorded sampling settings (guidance 1 = folded in)",
     )
     parser.add_argument(
         "--max-rel-mse", type=float, default=1.0, help="gate: max velocity relative MSE per expert range (default 1.0)"

@@ -16,14 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write the student as ONE .safetensors file with native Wan 2.1 T2V tensor names (the complete "
             "WanModel key set ComfyUI expects in models/diffusion_models/), its architecture in the header "
-            "('config' entry) and provenance (wanlite version, student sha256, teacher sha256). The file is "
-            "written under a temporary name and renamed, or uploaded to a store URI with its manifest last."
+            "('config' entry), provenance (wanlite version, student sha256, teacher sha256) and the student's "
+            "sampling settings ('wanlite_sampling': steps, shift, guidance, negative prompt, sampler). A ComfyUI "
+            "workflow with those settings (<name>.workflow.json) is written beside it. The file is written "
+            "under a temporary name and renamed (mode from your umask, 0644 by default), or uploaded to a "
+            "store URI with its manifest last."
         ),
     )
     parser.add_argument("student", help="student folder (diffusers save_pretrained) or store URI")
     parser.add_argument(
         "--out",
-        help="output .safetensors path, a directory, or a store URI (file://..., s3://...); "
+        help="output .safetensors path, a directory (created when missing), or a store URI (file://..., s3://...); "
         "default: the preset's name (e.g. wanlite-1024.safetensors) in the current directory",
     )
     parser.add_argument("--dtype", default="bf16", help=f"tensor dtype: {', '.join(EXPORT_DTYPES)} (default bf16)")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from wanlite.config import GUIDANCE_LOW, SAMPLE_STEPS
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Sample one image with diffusers' WanPipeline (one frame): the student transformer plus the "
             "teacher's tokenizer, T5 encoder and VAE. --model is models:/NAME@ALIAS (MLflow registry), a "
             "diffusers student folder, or a ComfyUI .safetensors export (its architecture is read from the "
-            "file). Shows a progress bar; writes a PNG."
+            "file). Steps, shift, guidance and the negative prompt are the model's recorded sampling settings "
+            "(wanlite_sampling) unless a flag overrides them; the JSON report lists every override. "
+            "Shows a progress bar; writes a PNG."
         ),
     )
     parser.add_argument(
@@ -25,9 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--teacher", required=True, help="teacher checkpoint (for its T5 and VAE), folder or store URI")
     parser.add_argument("--prompt", required=True, help="text prompt (non-empty)")
     parser.add_argument("--out", default="image.png", help="output PNG (default image.png)")
-    parser.add_argument("--negative-prompt", help="negative prompt (default: Wan's official one)")
-    parser.add_argument("--steps", type=int, default=SAMPLE_STEPS, help=f"sampling steps (default {SAMPLE_STEPS})")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE_LOW, help=f"CFG scale (default {GUIDANCE_LOW})")
+    parser.add_argument(
+        "--negative-prompt",
+        help="negative prompt, used when the model (or --guidance) samples with CFG (default: Wan's official one)",
+    )
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's recorded sampling settings)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="CFG scale (default: the model's; 1 for students with guidance folded in, which is the DAG's default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", type=int, help="image size in pixels (default: the preset's)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: MLFLOW_TRACKING_URI)")
@@ -38,7 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from wanlite.generate import generate
 
-    extra = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
     report = generate(
         args.model,
         args.teacher,
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         size=args.size,
         tracking_uri=args.tracking_uri,
         device=args.device,
-        **extra,
+        negative_prompt=args.negative_prompt,
     )
     print(json.dumps(report, indent=2))
     return 0

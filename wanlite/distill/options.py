@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wanlite.config import GUIDANCE_HIGH, GUIDANCE_LOW, SAMPLE_SHIFT, ConfigError
+from wanlite.sampling import Sampling, student_sampling
 
 DEFAULT_EXPERIMENT = "wanlite-distill"
 
@@ -58,7 +59,8 @@ class TrainConfig:
     log_every: int = _opt("log metrics every N steps", default=10)
     grid_every: int = _opt("log a teacher-vs-student image grid every N steps (0: never)", default=0)
     grid_prompts: int = _opt("images per grid row (the first prompts of the embedding set)", default=4)
-    grid_steps: int = _opt("sampling steps for the grid images", default=40)
+    grid_steps: int = _opt("sampling steps of the grid images and of the shipped student's recorded "
+                           "sampling settings (wanlite_sampling.json)", default=40)  # fmt: skip
     mlflow_uri: str | None = _opt("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a local SQLite file)",
                                   default=None)  # fmt: skip
     experiment: str = _opt("MLflow experiment name", default=DEFAULT_EXPERIMENT)
@@ -71,6 +73,14 @@ class TrainConfig:
 
 
 REQUIRED = ("teacher", "data", "embeddings")
+
+
+def shipped_sampling(cfg: TrainConfig) -> Sampling:
+    """How the student this run ships must be sampled: its grids use it and its folder records it.
+
+    `--cfg` (guided targets) folds guidance in: guidance 1, no negative prompt.
+    """
+    return student_sampling(guided=cfg.cfg, steps=cfg.grid_steps, shift=cfg.shift)
 
 TRAJECTORY_FIELDS = (
     "teacher", "init", "preset", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio",

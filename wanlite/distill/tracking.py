@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from PIL import Image
 
 from wanlite.config import WanArch
@@ -57,7 +58,7 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.uri)
         if mlflow.get_experiment_by_name(self.experiment) is None:
-            mlflow.create_experiment(self.experiment, artifact_location=_local_artifact_location(self.uri))
+            mlflow.create_experiment(self.experiment, artifact_location=local_artifact_location(self.uri))
         mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=True)
         self.run_id = run.info.run_id
@@ -86,11 +87,15 @@ class Tracker:
             self.run_id = None
 
 
-def _local_artifact_location(uri: str) -> str | None:
-    """Artifacts beside a SQLite database (MLflow would default to ./mlruns in the working directory)."""
+def local_artifact_location(uri: str) -> str | None:
+    """Artifacts beside a SQLite database (MLflow would default to ./mlruns in the working directory).
+
+    A relative database path (`sqlite:///mlflow.db`) is resolved against the
+    working directory once, here, so the location is an absolute URI.
+    """
     if not uri.startswith("sqlite:///"):
         return None  # a tracking server decides (and proxies) its own artifact store
-    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def _param(value: Any) -> str:
@@ -102,10 +107,20 @@ def image_grid(rows: list[torch.Tensor]) -> Image.Image:
     """Rows of images [B, 3, H, W] in [0, 1] (e.g. teacher row, student row) as one RGB picture."""
     if not rows or any(r.shape != rows[0].shape for r in rows):
         raise ValueError(f"image_grid: expected equally shaped rows, found {[tuple(r.shape) for r in rows]}")
-    b, _, h, w = rows[0].shape
-    canvas = torch.stack(rows)  # [R, B, 3, H, W]
-    canvas = canvas.permute(0, 3, 1, 4, 2).reshape(len(rows) * h, b * w, 3)
+    canvas = rearrange(torch.stack(rows), "r b c h w -> (r h) (b w) c")
     return Image.fromarray((canvas.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+
+
+GRID_MIN_WIDTH = 512
+"""Grids narrower than this are enlarged (nearest neighbour, whole factors) so a person can judge them."""
+
+
+def viewable(image: Image.Image, min_width: int = GRID_MIN_WIDTH) -> Image.Image:
+    """`image` enlarged by a whole factor to at least `min_width` pixels wide (tiny presets sample 64 px)."""
+    factor = -(-min_width // image.width)
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 # --- FLOPs ---------------------------------------------------------------------------

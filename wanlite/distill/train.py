@@ -54,10 +54,12 @@ from wanlite.distill.options import (
     config_from_args,
     default_run_name,
     fingerprint,
+    shipped_sampling,
     validate,
 )
-from wanlite.distill.tracking import Tracker, image_grid, peak_flops, wan_forward_flops
+from wanlite.distill.tracking import Tracker, image_grid, peak_flops, viewable, wan_forward_flops
 from wanlite.pipeline import TEXT_LEN
+from wanlite.sampling import save_sampling
 from wanlite.text_padding import compact_text_padding
 
 log = logging.getLogger(__name__)
@@ -445,6 +447,7 @@ class _Run:
         shipped.load_state_dict(weights, strict=True)
         with tempfile.TemporaryDirectory(prefix="wanlite-final-") as tmp:
             shipped.save_pretrained(tmp)
+            save_sampling(tmp, shipped_sampling(self.cfg))
             metrics = log_state["metrics"]
             Path(tmp, "metrics.json").write_text(json.dumps({"final": metrics, "history": log_state["history"]}))
             result = {
@@ -500,13 +503,14 @@ class _Grid:
         self.vae = load_vae(_local(cfg.teacher)) if ctx.is_main else None
         self.teacher_pipe = build_pipeline(cfg.teacher, high, low, shift=cfg.shift, with_text_encoder=False,
                                            with_vae=False)  # fmt: skip
-        self.student_pipe = build_pipeline(cfg.teacher, student, shift=cfg.shift, with_text_encoder=False,
+        self.sampling = shipped_sampling(cfg)
+        self.student_pipe = build_pipeline(cfg.teacher, student, sampling=self.sampling, with_text_encoder=False,
                                            with_vae=False)  # fmt: skip
         for pipe in (self.teacher_pipe, self.student_pipe):
             pipe.set_progress_bar_config(disable=True)
         self.teacher_images: torch.Tensor | None = None
 
-    def _sample(self, pipe: Any, guidance: float, guidance_2: float | None) -> torch.Tensor:
+    def _sample(self, pipe: Any, guidance: float, guidance_2: float | None, steps: int) -> torch.Tensor:
         generators = [torch.Generator().manual_seed(self.cfg.seed + i) for i in range(self.context.shape[0])]
         return pipe(
             prompt_embeds=self.context,
@@ -514,7 +518,7 @@ class _Grid:
             height=self.size[0],
             width=self.size[1],
             num_frames=1,
-            num_inference_steps=self.cfg.grid_steps,
+            num_inference_steps=steps,
             guidance_scale=guidance,
             guidance_scale_2=guidance_2,
             generator=generators,
@@ -527,12 +531,12 @@ class _Grid:
 
         cfg = self.cfg
         if self.teacher_images is None:
-            latents = self._sample(self.teacher_pipe, cfg.guidance_high, cfg.guidance_low)
+            latents = self._sample(self.teacher_pipe, cfg.guidance_high, cfg.guidance_low, cfg.grid_steps)
             self.teacher_images = decode_latents(self.vae, latents) if self.ctx.is_main else latents
-        student_guidance = 1.0 if cfg.cfg else cfg.guidance_low
-        latents = self._sample(self.student_pipe, student_guidance, None)
+        # The student samples the way it will ship (its recorded settings), not the teacher's way.
+        latents = self._sample(self.student_pipe, self.sampling.guidance, None, self.sampling.steps)
         if self.ctx.is_main:
-            grid = image_grid([self.teacher_images, decode_latents(self.vae, latents)])
+            grid = viewable(image_grid([self.teacher_images, decode_latents(self.vae, latents)]))
             self.tracker.log_image(grid, f"grids/step-{step:08d}.png")
 
 

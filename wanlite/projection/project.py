@@ -29,6 +29,7 @@ from wanlite.config import EXPERTS, WanArch, get_preset, validate_student
 from wanlite.projection import slicing
 from wanlite.projection.calibrate import CalibrationSet, build_calibration_set, collect_statistics, high_noise_share
 from wanlite.projection.select import Selection, importance_selection, uniform_selection
+from wanlite.sampling import save_sampling, student_sampling
 from wanlite.student import WanLiteStudent
 
 log = logging.getLogger(__name__)
@@ -376,6 +377,8 @@ def _write_student(
         model = WanLiteStudent.from_arch(student)
     model.load_state_dict({names[k]: v for k, v in state.items()}, strict=True, assign=True)
     model.save_pretrained(staging)
+    # A slice of the teacher has learned no folded guidance: it samples like the teacher's low-noise expert.
+    save_sampling(staging, student_sampling(guided=False))
     report["wall_s"] = round(time.perf_counter() - started, 3)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.startswith("cuda"):
