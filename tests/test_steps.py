@@ -200,8 +200,8 @@ def test_resume_with_another_k_or_schedule_is_refused_and_overwrites_nothing(
     store = Store(cfg.out)
     before = {key: store.get_bytes(key) for key in store.list("runs/once") if key.endswith("_MANIFEST.json")}
 
-    with pytest.raises(ConfigError, match=r"--resume: .*step-00000001 was written by another config "
-                                          r"\(sample_steps: checkpoint 4, now 2; schedule: checkpoint \[1.0, "):  # fmt: skip
+    differ = r"\(sample_steps: checkpoint 4, now 2; schedule: checkpoint \[1.0, "
+    with pytest.raises(ConfigError, match=r"--resume: .*step-00000001 was written by another config " + differ):
         distill_steps(dataclasses.replace(cfg, resume=True, sample_steps=2))
     with pytest.raises(ConfigError, match=r"another config \(schedule: checkpoint \[1.0, 0.9375, .*now \[1.0, 0.9, "):
         distill_steps(dataclasses.replace(cfg, resume=True, sigmas="1,0.9,0.8,0.7"))

@@ -34,6 +34,7 @@ from wanlite.checkpoint.transformer_keys import (
 )
 from wanlite.config import EXPORT_DTYPES, PRESETS, ConfigError, Preset, WanArch, load_student_config
 from wanlite.pipeline import local_path
+from wanlite.sampling import load_sampling
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,17 @@ def preset_for(arch: WanArch) -> Preset | None:
     return next((p for p in PRESETS.values() if p.arch == arch), None)
 
 
-def export_name(arch: WanArch) -> str:
-    """Default file name: the preset's (`wanlite-1024.safetensors`), else one naming the size."""
+def export_name(arch: WanArch, sampling: Any = None) -> str:
+    """Default file name: the preset's (`wanlite-1024.safetensors`), else one naming the size.
+
+    A few-step student (explicit sigmas in its sampling record) gets `-<K>step`
+    (`wanlite-1024-4step.safetensors`), so both models of a run can sit in one
+    ComfyUI `diffusion_models/` folder.
+    """
     preset = preset_for(arch)
-    if preset is not None:
-        return preset.export_name
-    return f"wanlite-d{arch.dim}-l{arch.num_layers}.safetensors"
+    stem = preset.export_name.removesuffix(".safetensors") if preset else f"wanlite-d{arch.dim}-l{arch.num_layers}"
+    few_step = f"-{sampling.steps}step" if sampling is not None and sampling.sigmas is not None else ""
+    return f"{stem}{few_step}.safetensors"
 
 
 def file_sha256(path: Path) -> str:
@@ -298,7 +304,7 @@ def export_student(
     tensors = export_state_dict(model.state_dict(), arch, torch_dtype, prefix=prefix)
     del model
     metadata = export_metadata(arch, dtype, source_sha256=dir_sha256(student_dir), teacher_sha256=teacher_sha256)
-    name = export_name(arch)
+    name = export_name(arch, load_sampling(student_dir))
     if out is not None and "://" in str(out):
         return _export_to_store(tensors, metadata, name, str(out))
     target = _local_target(out, name)

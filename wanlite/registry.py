@@ -170,8 +170,14 @@ def register(
     data_hash: str | None = None,
     experiment: str = "wanlite",
     params: Mapping[str, str] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Log the run, create the model version, set aliases; return a registration report."""
+    """Log the run, create the model version, set aliases; return a registration report.
+
+    `name`: the registered model (default `model_name(preset)`); a few-step
+    student registers under its own (`wanlite-<preset>-<K>step`), so its
+    champion is chosen among few-step versions only.
+    """
     from mlflow import MlflowClient
 
     arch = student_arch(shipment.student_dir)
@@ -186,7 +192,7 @@ def register(
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    return _create_version(client, run, shipment, model_name(preset), teacher_sha256, data_hash)
+    return _create_version(client, run, shipment, name or model_name(preset), teacher_sha256, data_hash)
 
 
 def arch_params(

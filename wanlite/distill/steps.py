@@ -410,10 +410,12 @@ class _Run:
 
     def _apply(self, p: _Parts, model: nn.Module) -> float:
         """Clip this model's gradients, step the optimizer (only models with gradients move), clear them."""
-        norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), self.cfg.grad_clip) if self.cfg.grad_clip else None
+        norm = 0.0
+        if self.cfg.grad_clip:  # the norm before clipping, over every rank's gradients
+            norm = scalar(torch.nn.utils.clip_grad_norm_(list(model.parameters()), self.cfg.grad_clip))
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
-        return scalar(norm) if norm is not None else 0.0
+        return norm
 
     # --- publishing ------------------------------------------------------------------------
 
