@@ -225,3 +225,41 @@ def test_the_command_documents_the_stage(capsys: pytest.CaptureFixture[str]) -> 
         cli(["distill-steps", "--help"])
     text = capsys.readouterr().out
     assert "DMD2" in text and "--sample-steps" in text and "--critic-updates" in text and "--sigmas" in text
+
+
+# --- the DAG -------------------------------------------------------------------------------------
+
+
+def test_the_dag_trains_and_exports_the_few_step_student_under_its_own_names(
+    tiny_teacher: Path, tiny_student_init: Path, tiny_embeddings: dict[str, Any], mlflow_server: str, tmp_path: Path
+) -> None:
+    from wanlite import dag
+
+    store = (tmp_path / "store").as_uri()
+    result = dag.distill_steps(
+        teacher_uri=str(tiny_teacher), student_uri=str(tiny_student_init), embeddings_uri=tiny_embeddings["uri"],
+        store=store, tracking_uri=mlflow_server, preset="tiny", few_steps=2, steps=1, critic_updates=1,
+        batch_size=2, lr=1e-5, checkpoint_every=1, nproc=1,
+    )  # fmt: skip
+    assert result["sampling"]["steps"] == 2 and result["sampling"]["guidance"] == 1.0
+    again = dag.distill_steps(
+        teacher_uri=str(tiny_teacher), student_uri=str(tiny_student_init), embeddings_uri=tiny_embeddings["uri"],
+        store=store, tracking_uri=mlflow_server, preset="tiny", few_steps=2, steps=1, critic_updates=1,
+        batch_size=2, lr=1e-5, checkpoint_every=1, nproc=1,
+    )  # fmt: skip
+    assert again == result, "a finished few-step run is found, not retrained"
+    exported = dag.export(result["student_uri"], store)
+    assert exported["file"] == "wanlite-tiny-2step.safetensors"  # beside wanlite-tiny.safetensors in ComfyUI
+
+    spec = dag.RunSpec(store=store, tracking_uri=mlflow_server, few_steps=2).resolved()
+    outputs = {
+        "fetch": {"uri": "t", "teacher_sha256": "s"},
+        "encode-prompts": {"uri": "e"},
+        "teacher-data": {"uri": "d", "digest": "d"},
+        "train": {"student_uri": "the 40-step student"},
+        **{k: {"uri": k} for k in ("evaluate-few-step", "round-trip-few-step", "export-few-step")},
+        "distill-steps": result,
+    }
+    wired = dag.wire("register-few-step", spec, outputs)
+    assert wired["name"] == "wanlite-tiny-2step" and wired["student_uri"] == result["student_uri"]
+    assert (wired["export_uri"], wired["eval_uri"]) == ("export-few-step", "evaluate-few-step")
