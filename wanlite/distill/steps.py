@@ -99,9 +99,10 @@ def make_scheduler(sigmas: tuple[float, ...], device: torch.device | str = "cpu"
 def sample(model: nn.Module, sigmas: tuple[float, ...], noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """K-step, CFG-free sample from pure noise [B, C, 1, h, w] (float32 latents), with diffusers' scheduler."""
     scheduler = make_scheduler(sigmas, noise.device)
+    dtype = next(model.parameters()).dtype  # the model's input dtype, as WanPipeline casts; updates stay fp32
     x = noise.float()
     for t in scheduler.timesteps:
-        v = objective.predict(model, x, t.expand(x.shape[0]), context)
+        v = objective.predict(model, x.to(dtype), t.expand(x.shape[0]), context.to(dtype))
         x = scheduler.step(v.float(), t, x, return_dict=False)[0]
     return x
 
