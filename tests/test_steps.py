@@ -20,7 +20,7 @@ from wanlite.config import ConfigError, get_preset
 from wanlite.distill.checkpointing import checkpoint_key, latest_checkpoint, read_trainer_state
 from wanlite.distill.launch import child_env
 from wanlite.distill.steps import (
-    NonFiniteLoss,
+    NonFiniteError,
     distill_steps,
     dmd_target,
     generator_x0,
@@ -182,6 +182,13 @@ def test_an_unsupported_k_is_refused_before_anything_is_written(
     assert not (tmp_path / "store").exists()
 
 
+def test_a_run_spec_with_an_unsupported_k_is_refused_before_any_step() -> None:
+    from wanlite import dag
+
+    with pytest.raises(ConfigError, match=r"few_steps: expected one of 1, 2, 4, found 3"):
+        dag.RunSpec(few_steps=3).resolved()
+
+
 def test_a_critic_of_another_architecture_is_refused(tiny_steps_base: Any, tmp_path: Path) -> None:
     other = tmp_path / "critic"
     WanLiteStudent.from_arch(get_preset("tiny").arch.replace(num_layers=3)).save_pretrained(other)
@@ -214,10 +221,33 @@ def test_a_non_finite_loss_stops_the_run_and_publishes_nothing(tiny_steps_base: 
     # A learning rate this large overflows the weights on the first update: the next loss is not finite.
     cfg = run_config(tiny_steps_base, tmp_path, run_name="diverged", steps=2, checkpoint_every=2, lr=1e30,
                      critic_lr=1e30, grad_clip=0.0)  # fmt: skip
-    with pytest.raises(NonFiniteLoss, match=r"run diverged, step 1: the (critic|generator) loss is (nan|inf)"):
+    with pytest.raises(NonFiniteError, match=r"run diverged, step 1: the (critic|generator) loss is (nan|inf)"):
         distill_steps(cfg)
     store = Store(cfg.out)
     assert latest_checkpoint(store, "runs/diverged") is None and store.read_manifest("runs/diverged/final") is None
+
+
+def test_non_finite_final_weights_are_not_published(
+    tiny_steps_base: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last generator step overflows (its loss, computed before the step, was finite): simulated by
+    # poisoning one generator weight right after that step is applied.
+    from wanlite.distill import steps as steps_module
+
+    apply = steps_module._Run._apply
+
+    def overflowing(self: Any, p: Any, model: torch.nn.Module) -> float:
+        norm = apply(self, p, model)
+        if model is p.generator:
+            with torch.no_grad():
+                next(iter(model.parameters())).fill_(float("inf"))
+        return norm
+
+    monkeypatch.setattr(steps_module._Run, "_apply", overflowing)
+    cfg = run_config(tiny_steps_base, tmp_path, run_name="overflow", steps=1, critic_updates=1, ema_decay=0.0)
+    with pytest.raises(NonFiniteError, match=r"run overflow: the final generator weights are not finite \("):
+        distill_steps(cfg)
+    assert Store(cfg.out).read_manifest("runs/overflow/final") is None
 
 
 def test_the_command_documents_the_stage(capsys: pytest.CaptureFixture[str]) -> None:

@@ -115,10 +115,14 @@ class RunSpec:
 
     def resolved(self) -> RunSpec:
         """Preset defaults filled in, the store root and tracking URI made explicit."""
+        from wanlite.distill.steps_options import SUPPORTED_STEPS
         from wanlite.distill.tracking import tracking_uri
         from wanlite.storage import Store
 
         get_preset(self.preset)
+        if self.few_steps not in SUPPORTED_STEPS:  # refused before the first step runs, not after the 40-step ships
+            supported = ", ".join(map(str, SUPPORTED_STEPS))
+            raise ConfigError(f"few_steps: expected one of {supported}, found {self.few_steps}")
         defaults = PRESET_DEFAULTS[self.preset]
         filled = {k: defaults[k] for k in defaults if getattr(self, k) is None}
         return dataclasses.replace(

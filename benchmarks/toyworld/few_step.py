@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.k:
         for seed in args.seeds:
             result = train_few_step(prep, cfg, args.student_uri, k, seed, few)
-            rows.append({"k": k, "seed": seed, "run": result["run"], **score_few_step(prep, cfg, result["student_uri"])})
+            scores = score_few_step(prep, cfg, result["student_uri"])
+            rows.append({"k": k, "seed": seed, "run": result["run"], **scores})
             print(json.dumps(rows[-1]), flush=True)
     return 0
 

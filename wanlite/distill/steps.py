@@ -77,8 +77,8 @@ from wanlite.text_padding import compact_text_padding
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(ValueError):
-    """A loss came out NaN or infinite: the run stops before any update, checkpoint or publication."""
+class NonFiniteError(ValueError):
+    """A loss (or the final weights) came out NaN or infinite: the run stops and publishes nothing."""
 
 
 # --- the few-step sampler ----------------------------------------------------------------
@@ -403,7 +403,7 @@ class _Run:
         dist.all_reduce(total)
         value = float(total) / self.cfg.batch_size
         if not math.isfinite(value):
-            raise NonFiniteLoss(
+            raise NonFiniteError(
                 f"run {self.run_name}, step {step + 1}: the {what} is {value}; stopped before updating, "
                 f"nothing was published (the last complete checkpoint under {self.store.uri(self.run_key)} is intact)"
             )
@@ -429,6 +429,14 @@ class _Run:
         else:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             weights = get_model_state_dict(p.generator, options=options)
+        # The last update's loss was finite, its step may still not be: check what would ship (all ranks agree).
+        bad: list[Any] = [[n for n, v in weights.items() if not torch.isfinite(v).all()] if self.ctx.is_main else None]
+        dist.broadcast_object_list(bad, src=0)
+        if bad[0]:
+            raise NonFiniteError(
+                f"run {self.run_name}: the final generator weights are not finite ({', '.join(bad[0][:5])}); "
+                "nothing was published"
+            )
         result: list[Any] = [None]
         if self.ctx.is_main:
             result[0] = self._save_final(p.generator, weights, "ema" if use_ema else "raw", log_state, tracker.uri)
@@ -446,9 +454,6 @@ class _Run:
         final_key = join_key(self.run_key, "final")
         shipped = WanLiteStudent.from_config(dict(generator.config))
         shipped.load_state_dict(weights, strict=True)
-        bad = [name for name, value in weights.items() if not torch.isfinite(value).all()]
-        if bad:
-            raise NonFiniteLoss(f"run {self.run_name}: non-finite weights in {', '.join(bad[:5])}; nothing published")
         sampling = few_step_sampling(self.cfg, self.schedule)
         with tempfile.TemporaryDirectory(prefix="wanlite-final-") as tmp:
             shipped.save_pretrained(tmp)
