@@ -21,7 +21,12 @@ so a run cut short by a time limit still leaves every figure it reached:
    MFU and samples/s;
 6. distill: the trainer's objective end to end (`teacher_targets` with CFG and
    expert routing, then the student step): MFU, samples/s, peak memory;
-7. projection: `wanlite project --preset lite-1024 --method uniform` from a
+7. few-step: transformer time per 1024^2 image, end to end: the 4-step, CFG-free
+   lite-1024 (`wanlite distill-steps`; `wanlite.distill.steps.sample`, 4
+   forwards and its Euler updates, timed whole) vs A14B at 40 steps with CFG
+   (80 forwards: 40 x the measured two-forward step; both experts have the same
+   shapes, so which expert runs a step does not change its cost). Goal >= 500x;
+8. projection: `wanlite project --preset lite-1024 --method uniform` from a
    sparse synthetic A14B teacher (full shapes, 126 GB apparent), in a fresh
    process: wall and peak RSS of the whole command.
 
@@ -81,9 +86,11 @@ from wanlite.pipeline import TEXT_LEN
 # The student's output is never modified in place, the only case this FSDP2 warning is about.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
-SECTIONS = ("peak", "teacher", "generation", "student", "distill", "projection")
+SECTIONS = ("peak", "teacher", "generation", "student", "distill", "few-step", "projection")
 SPEEDUP_GOAL = 25.0
 """Issue 8: lite-1024 generation per step at least this many times faster than one teacher expert."""
+FEW_STEPS, TEACHER_STEPS, FEW_STEP_GOAL = 4, 40, 500.0
+"""Issue 13: the 4-step, CFG-free student per image at least 500x faster than A14B's 40 CFG steps."""
 Row = tuple[str, str, str]
 """One markdown table row: what was measured, the figure, a note."""
 
@@ -430,6 +437,51 @@ def measure_generation(setup: Setup, models: Models, peak: float | None) -> tupl
     return figures, rows
 
 
+def measure_few_step(setup: Setup, models: Models, peak: float | None) -> tuple[dict[str, Any], list[Row]]:
+    """Transformer time per image: the K-step CFG-free student end to end vs the teacher's 40 CFG steps."""
+    from wanlite.distill.steps import sample
+    from wanlite.distill.steps_options import StepsConfig, schedule
+
+    sigmas = schedule(StepsConfig(teacher="", student="", embeddings="", sample_steps=FEW_STEPS))
+    one = Batch.random(setup, 1, dtype=setup.compute)
+    x, cond, uncond = one.x_t, one.context, one.negative
+    t = torch.full((1,), 500.0, device=setup.device)
+    teacher, student = models.high, models.student_inference
+
+    def teacher_step() -> object:
+        return objective.guided(
+            objective.predict(teacher, x, t, cond), objective.predict(teacher, x, t, uncond), GUIDANCE_LOW
+        )
+
+    figures: dict[str, Any] = {"tokens": setup.tokens, "few_steps": FEW_STEPS, "sigmas": list(sigmas),
+                               "teacher_steps": TEACHER_STEPS}  # fmt: skip
+    with memory_peak(setup, figures), torch.inference_mode():
+        student_s = timed(lambda: sample(student, sigmas, x, cond), setup.steps, setup.warmup, setup.device)
+        teacher_step_s = timed(teacher_step, setup.steps, setup.warmup, setup.device)
+    teacher_s = TEACHER_STEPS * teacher_step_s
+    speedup = teacher_s / student_s
+    figures.update(
+        student_ms_per_image=round(student_s * 1e3, 3),
+        teacher_ms_per_step=round(teacher_step_s * 1e3, 3),
+        teacher_ms_per_image=round(teacher_s * 1e3, 1),
+        student_forwards_per_image=FEW_STEPS,
+        teacher_forwards_per_image=2 * TEACHER_STEPS,
+        speedup=round(speedup, 1),
+        goal=f">= {FEW_STEP_GOAL:g}x",
+        goal_met=speedup >= FEW_STEP_GOAL,
+    )
+    where = f"{setup.size}², batch 1"
+    rows = [
+        (f"per image, {setup.teacher} at {TEACHER_STEPS} steps with CFG (80 forwards), {where}",
+         f"{teacher_s * 1e3:.0f} ms", f"{TEACHER_STEPS} x {teacher_step_s * 1e3:.1f} ms measured per CFG step"),
+        (f"per image, {setup.preset} {FEW_STEPS}-step CFG-free ({FEW_STEPS} forwards), {where}",
+         f"{student_s * 1e3:.2f} ms", "timed end to end: forwards + Euler updates"),
+        ("speed-up per image, few-step student vs teacher", f"{speedup:.0f}×",
+         f"goal ≥ {FEW_STEP_GOAL:g}×: {'met' if speedup >= FEW_STEP_GOAL else 'NOT met'}"),
+    ]  # fmt: skip
+    return figures, rows
+
+
 def measure_student(setup: Setup, models: Models, peak: float | None) -> tuple[dict[str, Any], list[Row]]:
     """The student half of a distillation step, alone: its MFU says how well a 1024-wide model fills the GPU."""
     student, optimizer = models.student_training
@@ -565,6 +617,7 @@ MODEL_SECTIONS = {
     "generation": measure_generation,
     "student": measure_student,
     "distill": measure_distill,
+    "few-step": measure_few_step,
 }
 
 

@@ -233,6 +233,7 @@ def register_flow(
     teacher_sha256: str | None,
     data_hash: str | None,
     training_run_id: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Gate on every report, then create the MLflow model version and its aliases."""
     result = step_task("register", dag.register)(
@@ -245,6 +246,7 @@ def register_flow(
         teacher_sha256=teacher_sha256,
         data_hash=data_hash,
         training_run_id=training_run_id,
+        name=name,
     )
     link = f"- MLflow: [{result['name']} version {result['version']}]({result['version_url']})\n"
     create_markdown_artifact(
@@ -255,6 +257,96 @@ def register_flow(
         key="registered-model",
     )
     return result
+
+
+@step_flow("distill-steps", 7 * 24 * HOUR)
+def distill_steps_flow(
+    teacher_uri: str,
+    student_uri: str,
+    embeddings_uri: str,
+    store: str,
+    tracking_uri: str,
+    preset: str,
+    few_steps: int,
+    steps: int,
+    critic_updates: int,
+    batch_size: int,
+    lr: float,
+    checkpoint_every: int,
+    seed: int,
+    nproc: int | None,
+) -> dict[str, Any]:
+    """Turn the distilled student into a K-step, CFG-free one (DMD2, FSDP2); progress is a live artifact."""
+    artifact = create_progress_artifact(0.0, key="distill-steps-progress", description=f"{preset}: {few_steps} steps")
+    context = contextvars.copy_context()
+
+    def on_progress(step: int, total: int) -> None:
+        context.run(update_progress_artifact, artifact, 100.0 * step / total)
+
+    return step_task("distill-steps", dag.distill_steps, cache_policy=TRAIN_CACHE)(
+        teacher_uri=teacher_uri,
+        student_uri=student_uri,
+        embeddings_uri=embeddings_uri,
+        store=store,
+        tracking_uri=tracking_uri,
+        preset=preset,
+        few_steps=few_steps,
+        steps=steps,
+        critic_updates=critic_updates,
+        batch_size=batch_size,
+        lr=lr,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        nproc=nproc,
+        on_progress=on_progress,
+    )
+
+
+# The few-step student is shipped by the same steps, as flows of their own (own deployments, own runs).
+
+
+@step_flow("evaluate-few-step", 12 * HOUR)
+def evaluate_few_step_flow(
+    student_uri: str,
+    teacher_uri: str,
+    store: str,
+    prompts: str,
+    num_prompts: int | None,
+    sample_steps: int,
+    guided: bool,
+) -> dict[str, Any]:
+    """The few-step student vs the guided teacher (it samples with its recorded K-step schedule)."""
+    return evaluate_flow.fn(student_uri, teacher_uri, store, prompts, num_prompts, sample_steps, guided)
+
+
+@step_flow("round-trip-few-step", HOUR)
+def round_trip_few_step_flow(student_uri: str, teacher_uri: str, store: str) -> dict[str, Any]:
+    """Reload the few-step student in a fresh process with stock diffusers; outputs must match."""
+    return round_trip_flow.fn(student_uri, teacher_uri, store)
+
+
+@step_flow("export-few-step", HOUR)
+def export_few_step_flow(student_uri: str, store: str, teacher_sha256: str | None, dtype: str) -> dict[str, Any]:
+    """Write the few-step student's ComfyUI file (`...-<K>step.safetensors`, its schedule in the header)."""
+    return export_flow.fn(student_uri, store, teacher_sha256, dtype)
+
+
+@step_flow("register-few-step", HOUR)
+def register_few_step_flow(
+    student_uri: str,
+    export_uri: str,
+    roundtrip_uri: str,
+    eval_uri: str,
+    tracking_uri: str,
+    preset: str,
+    teacher_sha256: str | None,
+    data_hash: str | None,
+    name: str | None,
+) -> dict[str, Any]:
+    """Register the few-step student as its own model (`wanlite-<preset>-<K>step`)."""
+    return register_flow.fn(
+        student_uri, export_uri, roundtrip_uri, eval_uri, tracking_uri, preset, teacher_sha256, data_hash, name
+    )
 
 
 STEP_FLOWS = {
@@ -268,5 +360,10 @@ STEP_FLOWS = {
     "round-trip": round_trip_flow,
     "export": export_flow,
     "register": register_flow,
+    "distill-steps": distill_steps_flow,
+    "evaluate-few-step": evaluate_few_step_flow,
+    "round-trip-few-step": round_trip_few_step_flow,
+    "export-few-step": export_few_step_flow,
+    "register-few-step": register_few_step_flow,
 }
 """Flow of each DAG step (keys: `wanlite.dag.STEPS`, which are also the flow names)."""

@@ -35,6 +35,7 @@ MODEL = "wanlite-tiny"
 STEP_FLOWS = (
     "fetch", "validate", "encode-prompts", "teacher-data", "project",
     "train", "evaluate", "round-trip", "export", "register",
+    "distill-steps", "evaluate-few-step", "round-trip-few-step", "export-few-step", "register-few-step",
 )  # fmt: skip
 
 
@@ -133,6 +134,8 @@ def test_distill_deployment_end_to_end(
     placed = Path(json.loads(download.stdout)["path"])
     assert placed.parent == comfyui / "models" / "diffusion_models"
     assert_reloads_to_student(placed, run["tasks"], version.tags["student_sha256"])
+    few_step = MlflowClient(deployed["tracking_uri"]).get_model_version_by_alias(f"{MODEL}-4step", "champion")
+    assert few_step.tags["comfyui_file"] == f"{MODEL}-4step.safetensors"
 
     # Same inputs again: every step after fetch comes from the cache, no child runs for them.
     second = trigger(prefect_server, params)

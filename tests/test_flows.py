@@ -15,7 +15,7 @@ from wanlite import dag
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-GPU_STEPS = {"encode-prompts", "teacher-data", "project", "train", "evaluate"}
+GPU_STEPS = {"encode-prompts", "teacher-data", "project", "train", "evaluate", "distill-steps", "evaluate-few-step"}
 
 
 def fake_outputs() -> dict[str, dict[str, Any]]:
@@ -29,6 +29,10 @@ def fake_outputs() -> dict[str, dict[str, Any]]:
         "evaluate": {"uri": "s3://b/evals/v"},
         "round-trip": {"uri": "s3://b/roundtrips/x"},
         "export": {"uri": "s3://b/exports/y"},
+        "distill-steps": {"student_uri": "s3://b/runs/s/final"},
+        "evaluate-few-step": {"uri": "s3://b/evals/w"},
+        "round-trip-few-step": {"uri": "s3://b/roundtrips/z"},
+        "export-few-step": {"uri": "s3://b/exports/q"},
     }
 
 
@@ -155,7 +159,7 @@ def test_demo_stops_at_an_invalid_teacher_and_registers_nothing(tiny_teacher: Pa
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "[1/10] fetch" in result.stdout and "[2/10]" not in result.stdout
+    assert "[1/15] fetch" in result.stdout and "[2/15]" not in result.stdout
     assert "nothing registered" in result.stderr and "invalid" in result.stderr
     report = next((workdir / "store" / "reports" / "validate").glob("*/validation.md")).read_text()
     assert "ffn_dim" in report

@@ -1,6 +1,12 @@
 """The wanlite DAG as plain functions: one adapter per step, and the wiring between them.
 
 fetch -> validate -> encode-prompts -> teacher-data -> project -> train -> evaluate -> round-trip -> export -> register
+  -> distill-steps -> evaluate-few-step -> round-trip-few-step -> export-few-step -> register-few-step
+
+The few-step branch turns the distilled student into a K-step, CFG-free one
+(`wanlite.distill.steps`) and ships it like the first: evaluated, round-tripped,
+exported (`<preset file>-<K>step.safetensors`) and registered as its own model,
+`wanlite-<preset>-<K>step`, whose aliases compete among few-step versions only.
 
 Each adapter takes JSON-able arguments (store URIs, names, numbers) and returns
 a small JSON-able manifest (URIs, sha256, metrics): tensors never cross a step
@@ -45,9 +51,17 @@ STEPS = (
     "round-trip",
     "export",
     "register",
+    "distill-steps",
+    "evaluate-few-step",
+    "round-trip-few-step",
+    "export-few-step",
+    "register-few-step",
 )
 SYNTHETIC_PREFIX = "synthetic:"
 """`teacher="synthetic:tiny"`: synthesise the tiny teacher (seed 0) instead of fetching one."""
+
+FEW_STEP_SUFFIX = "-few-step"
+"""Steps of the few-step branch: the step of the same name without it, applied to the few-step student."""
 
 Progress = Callable[[int, int], None]
 CALIB_SAMPLES = 8
@@ -92,15 +106,23 @@ class RunSpec:
     checkpoint_every: int | None = None
     ema_decay: float | None = None
     export_dtype: str = "bf16"
+    few_steps: int = 4
+    few_step_updates: int | None = None
+    few_step_critic_updates: int | None = None
+    few_step_lr: float | None = None
     seed: int = 0
     nproc: int | None = None
 
     def resolved(self) -> RunSpec:
         """Preset defaults filled in, the store root and tracking URI made explicit."""
+        from wanlite.distill.steps_options import SUPPORTED_STEPS
         from wanlite.distill.tracking import tracking_uri
         from wanlite.storage import Store
 
         get_preset(self.preset)
+        if self.few_steps not in SUPPORTED_STEPS:  # refused before the first step runs, not after the 40-step ships
+            supported = ", ".join(map(str, SUPPORTED_STEPS))
+            raise ConfigError(f"few_steps: expected one of {supported}, found {self.few_steps}")
         defaults = PRESET_DEFAULTS[self.preset]
         filled = {k: defaults[k] for k in defaults if getattr(self, k) is None}
         return dataclasses.replace(
@@ -135,6 +157,10 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_steps": 2,
         "checkpoint_every": 8,
         "ema_decay": 0.0,
+        # A few DMD updates at a small rate: the few-step branch runs end to end, the student barely moves.
+        "few_step_updates": 2,
+        "few_step_critic_updates": 2,
+        "few_step_lr": 1e-5,
     },
     # The production run: every prompt, the teacher's own 40-step sampler, 20k steps of batch 64.
     "lite-1024": {
@@ -148,6 +174,11 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_steps": 500,
         "checkpoint_every": 500,
         "ema_decay": 0.999,
+        # DMD2's two time-scale rule (5 critic updates per generator update); rate and length are
+        # starting points for the lite-1024 run, not yet measured at that size.
+        "few_step_updates": 2000,
+        "few_step_critic_updates": 5,
+        "few_step_lr": 1e-5,
     },
 }
 
@@ -331,6 +362,47 @@ def train(
         return distill(cfg, nproc=nproc)
 
 
+def distill_steps(
+    teacher_uri: str,
+    student_uri: str,
+    embeddings_uri: str,
+    store: str,
+    tracking_uri: str,
+    preset: str,
+    few_steps: int,
+    steps: int,
+    critic_updates: int,
+    batch_size: int,
+    lr: float,
+    checkpoint_every: int,
+    seed: int = 0,
+    nproc: int | None = None,
+    on_progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Turn the distilled student into a `few_steps`-step, CFG-free one (DMD2), or return the finished run."""
+    from wanlite.distill.data import artifact_digest
+    from wanlite.distill.steps import distill_steps as run_steps
+    from wanlite.distill.steps import run_name
+    from wanlite.distill.steps_options import StepsConfig
+    from wanlite.distill.train import final_result
+
+    nproc = nproc or _local_gpus() or 1
+    cfg = StepsConfig(
+        teacher=teacher_uri, student=student_uri, embeddings=embeddings_uri, image_size=get_preset(preset).image_size,
+        sample_steps=few_steps, out=store, steps=steps, critic_updates=critic_updates, batch_size=batch_size,
+        lr=lr, critic_lr=lr, checkpoint_every=checkpoint_every, log_every=max(1, min(10, steps // 4)), seed=seed,
+        mlflow_uri=tracking_uri, resume=True, progress=False,
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, run_name=run_name(cfg, nproc, artifact_digest(embeddings_uri)))
+    run_key = f"runs/{cfg.run_name}"
+    st = _store(store)
+    done = final_result(st, run_key)
+    if done is not None:
+        return done
+    with _CheckpointWatch(st, run_key, steps, on_progress):
+        return run_steps(cfg, nproc=nproc)
+
+
 def evaluate(
     student_uri: str,
     teacher_uri: str,
@@ -426,10 +498,12 @@ def register(
     teacher_sha256: str | None = None,
     data_hash: str | None = None,
     training_run_id: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Gate on every report, then create (or find) the model version and its aliases.
 
     `training_run_id`: the MLflow run that trained the student; the version links to it.
+    `name`: the registered model (default `wanlite-<preset>`; the few-step student's is its own).
     """
     from wanlite import registry
     from wanlite.evaluate import REPORT_JSON as EVAL_REPORT
@@ -441,13 +515,20 @@ def register(
         roundtrip_report=local_path(roundtrip_uri) / ROUNDTRIP_REPORT,
         eval_report=local_path(eval_uri) / EVAL_REPORT,
     )
-    existing = _registered_version(tracking_uri, registry.model_name(preset), shipment.export_report["sha256"])
+    name = name or registry.model_name(preset)
+    existing = _registered_version(tracking_uri, name, shipment.export_report["sha256"])
     if existing is not None:
         return existing
     return registry.register(
         shipment, tracking_uri=tracking_uri, preset=preset, teacher_sha256=teacher_sha256, data_hash=data_hash,
         training_run_id=training_run_id,
-    )
+        name=name,
+    )  # fmt: skip
+
+
+def few_step_model_name(preset: str, few_steps: int) -> str:
+    """The registered model of a run's few-step student: `wanlite-<preset>-<K>step`."""
+    return f"wanlite-{preset}-{few_steps}step"
 
 
 def best_alias(registration: Mapping[str, Any]) -> str:
@@ -538,6 +619,11 @@ ADAPTERS: dict[str, Callable[..., dict[str, Any]]] = {
     "round-trip": round_trip,
     "export": export,
     "register": register,
+    "distill-steps": distill_steps,
+    "evaluate-few-step": evaluate,
+    "round-trip-few-step": round_trip,
+    "export-few-step": export,
+    "register-few-step": register,
 }
 
 
@@ -571,20 +657,36 @@ def wire(step: str, spec: RunSpec, out: Mapping[str, Mapping[str, Any]]) -> dict
                 "ema_decay": spec.ema_decay, "guided": spec.guided, "seed": spec.seed, "nproc": spec.nproc,
                 "sample_steps": spec.sample_steps}  # fmt: skip
     student = out["train"]["student_uri"]
-    if step == "evaluate":
+    if step == "distill-steps":
+        return {"teacher_uri": teacher, "student_uri": student, "embeddings_uri": embeddings, "store": store,
+                "tracking_uri": spec.tracking_uri, "preset": spec.preset, "few_steps": spec.few_steps,
+                "steps": spec.few_step_updates, "critic_updates": spec.few_step_critic_updates,
+                "batch_size": spec.batch_size, "lr": spec.few_step_lr, "checkpoint_every": spec.checkpoint_every,
+                "seed": spec.seed, "nproc": spec.nproc}  # fmt: skip
+    # The few-step branch ships its student through the same steps, under its own step names.
+    few = step.endswith(FEW_STEP_SUFFIX)
+    base = step.removesuffix(FEW_STEP_SUFFIX)
+    if few:
+        student = out["distill-steps"]["student_uri"]
+    names = {k: k + FEW_STEP_SUFFIX if few else k for k in ("evaluate", "round-trip", "export")}
+    if base == "evaluate":
+        # The guided teacher is the reference of both students (each folded CFG in); each samples as it records.
         return {"student_uri": student, "teacher_uri": teacher, "store": store, "prompts": spec.eval_prompts,
                 "num_prompts": spec.num_eval_prompts, "sample_steps": spec.sample_steps,
-                "guided": spec.guided}  # fmt: skip
-    if step == "round-trip":
+                "guided": spec.guided or few}  # fmt: skip
+    if base == "round-trip":
         return {"student_uri": student, "teacher_uri": teacher, "store": store}
     teacher_sha = out["fetch"]["teacher_sha256"]
-    if step == "export":
+    if base == "export":
         return {"student_uri": student, "store": store, "teacher_sha256": teacher_sha, "dtype": spec.export_dtype}
-    if step == "register":
-        return {"student_uri": student, "export_uri": out["export"]["uri"], "roundtrip_uri": out["round-trip"]["uri"],
-                "eval_uri": out["evaluate"]["uri"], "tracking_uri": spec.tracking_uri, "preset": spec.preset,
-                "teacher_sha256": teacher_sha, "data_hash": out["teacher-data"]["digest"],
-                "training_run_id": out["train"].get("mlflow_run_id")}  # fmt: skip
+    if base == "register":
+        name = few_step_model_name(spec.preset, spec.few_steps) if few else None
+        trained = out["distill-steps" if few else "train"]
+        return {"student_uri": student, "export_uri": out[names["export"]]["uri"],
+                "roundtrip_uri": out[names["round-trip"]]["uri"], "eval_uri": out[names["evaluate"]]["uri"],
+                "tracking_uri": spec.tracking_uri, "preset": spec.preset, "teacher_sha256": teacher_sha,
+                "data_hash": out["teacher-data"]["digest"], "name": name,
+                "training_run_id": trained.get("mlflow_run_id")}  # fmt: skip
     raise ConfigError(f"step: unknown step {step!r}; the DAG is {' -> '.join(STEPS)}")
 
 

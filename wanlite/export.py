@@ -100,12 +100,17 @@ def preset_for(arch: WanArch) -> Preset | None:
     return next((p for p in PRESETS.values() if p.arch == arch), None)
 
 
-def export_name(arch: WanArch) -> str:
-    """Default file name: the preset's (`wanlite-1024.safetensors`), else one naming the size."""
+def export_name(arch: WanArch, sampling: Sampling | None = None) -> str:
+    """Default file name: the preset's (`wanlite-1024.safetensors`), else one naming the size.
+
+    A few-step student (explicit sigmas in its sampling record) gets `-<K>step`
+    (`wanlite-1024-4step.safetensors`), so both models of a run can sit in one
+    ComfyUI `diffusion_models/` folder.
+    """
     preset = preset_for(arch)
-    if preset is not None:
-        return preset.export_name
-    return f"wanlite-d{arch.dim}-l{arch.num_layers}.safetensors"
+    stem = preset.export_name.removesuffix(".safetensors") if preset else f"wanlite-d{arch.dim}-l{arch.num_layers}"
+    few_step = f"-{sampling.steps}step" if sampling is not None and sampling.sigmas is not None else ""
+    return f"{stem}{few_step}.safetensors"
 
 
 def file_sha256(path: Path) -> str:
@@ -331,7 +336,7 @@ def export_student(
     metadata = export_metadata(
         arch, dtype, source_sha256=dir_sha256(student_dir), teacher_sha256=teacher_sha256, sampling=sampling
     )
-    name = export_name(arch)
+    name = export_name(arch, sampling)
     size = preset_for(arch).image_size if preset_for(arch) else PRESETS["lite-1024"].image_size
     workflow_sampling = sampling or teacher_sampling()
     if out is not None and "://" in str(out):

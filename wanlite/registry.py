@@ -179,11 +179,15 @@ def register(
     experiment: str = "wanlite",
     params: Mapping[str, str] | None = None,
     training_run_id: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Log the run, create the model version, set aliases; return a registration report.
 
     `training_run_id`: the MLflow run (on the same tracking server) that trained
     the student; the version links to it and its evaluation is logged there.
+    `name`: the registered model (default `model_name(preset)`); a few-step
+    student registers under its own (`wanlite-<preset>-<K>step`), so its
+    champion is chosen among few-step versions only.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -204,7 +208,7 @@ def register(
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    report = _create_version(client, run, shipment, model_name(preset), teacher_sha256, data_hash)
+    report = _create_version(client, run, shipment, name or model_name(preset), teacher_sha256, data_hash)
     return describe_version(client, report, shipment, card, training, tracking_uri)
 
 

@@ -27,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the whole DAG on the tiny preset, locally (no servers needed)",
         description=(
             "Fetch (or synthesise) a teacher, validate it, encode prompts, sample teacher latents, project, "
-            "distil, evaluate, round-trip, export the ComfyUI file and register it in MLflow, all in this "
-            "process, with a local store and a local SQLite MLflow under --workdir. Re-running with the same "
+            "distil, evaluate, round-trip, export the ComfyUI file and register it in MLflow; then turn the "
+            "student into a 4-step, CFG-free one (distill-steps) and ship that too, as its own registered "
+            "model wanlite-<preset>-4step; all in this process, with a local store and a local SQLite MLflow under --workdir. Re-running with the same "
             "inputs reuses every finished step from the store. Prints where the ComfyUI file is and how to "
             "open the MLflow UI."
         ),
@@ -54,10 +55,11 @@ def prepare_mlflow(tracking_uri: str, artifacts: Path) -> None:
     """
     from mlflow import MlflowClient
 
+    from wanlite.distill.steps_options import DEFAULT_EXPERIMENT as STEPS_EXPERIMENT
     from wanlite.distill.tracking import DEFAULT_EXPERIMENT
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    for name in (DEFAULT_EXPERIMENT, REGISTRY_EXPERIMENT):
+    for name in (DEFAULT_EXPERIMENT, STEPS_EXPERIMENT, REGISTRY_EXPERIMENT):
         if client.get_experiment_by_name(name) is None:
             client.create_experiment(name, artifact_location=(artifacts / name).absolute().as_uri())
 
@@ -94,19 +96,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(outputs: dict[str, dict[str, Any]], workdir: Path, tracking_uri: str) -> None:
-    exported, model = outputs["export"], outputs["register"]
-    comfy_file = Path(exported["uri"].removeprefix("file://")) / exported["file"]
-    alias = dag.best_alias(model)
+    for suffix, what in (("", "the student"), (dag.FEW_STEP_SUFFIX, "the few-step, CFG-free student")):
+        exported, model = outputs["export" + suffix], outputs["register" + suffix]
+        comfy_file = Path(exported["uri"].removeprefix("file://")) / exported["file"]
+        alias = dag.best_alias(model)
+        print()
+        print(f"{what}:")
+        print(f"ComfyUI file:     {comfy_file}")
+        print("                  (copy it to ComfyUI/models/diffusion_models/, or use `wanlite download` below)")
+        if exported.get("workflow"):
+            print(f"ComfyUI workflow: {exported['workflow'].removeprefix('file://')}")
+            print(f"                  (its sampling: {exported['sampling']['steps']} steps, shift "
+                  f"{exported['sampling']['shift']:g}, cfg {exported['sampling']['guidance']:g})")  # fmt: skip
+        print(f"registered model: models:/{model['name']}@{alias} (version {model['version']})")
+        print(f"download:         wanlite download models:/{model['name']}@{alias} --comfyui PATH \\")
+        print(f"                    --tracking-uri {tracking_uri}")
     print()
-    print(f"ComfyUI file:     {comfy_file}")
-    print("                  (copy it to ComfyUI/models/diffusion_models/, or use `wanlite download` below)")
-    if exported.get("workflow"):
-        print(f"ComfyUI workflow: {exported['workflow'].removeprefix('file://')}")
-        print(f"                  (its sampling: {exported['sampling']['steps']} steps, shift "
-              f"{exported['sampling']['shift']:g}, cfg {exported['sampling']['guidance']:g})")  # fmt: skip
-    print(f"registered model: models:/{model['name']}@{alias} (version {model['version']})")
-    print(f"download:         wanlite download models:/{model['name']}@{alias} --comfyui PATH \\")
-    print(f"                    --tracking-uri {tracking_uri}")
     print(f"MLflow UI:        mlflow ui --backend-store-uri {tracking_uri} --port 5000")
     print("                  then open http://127.0.0.1:5000")
     print(f"everything else:  {workdir}")

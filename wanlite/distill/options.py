@@ -93,14 +93,16 @@ TRAJECTORY_FIELDS = (
 # --- command line ----------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (`--batch-size`, `--no-cfg`, ...), help from the field."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+def add_arguments(
+    parser: argparse.ArgumentParser, config_type: type = TrainConfig, required: tuple[str, ...] = REQUIRED
+) -> None:
+    """One flag per field of a config dataclass (`--batch-size`, `--no-cfg`, ...), help from the field."""
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        if f.name in REQUIRED:
+        if f.name in required:
             parser.add_argument(flag, dest=f.name, required=True, help=f.metadata["help"])
         elif base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
@@ -110,14 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f"{f.metadata['help']} (default: {f.default})")  # fmt: skip
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+def config_from_args(args: argparse.Namespace, config_type: type = TrainConfig) -> Any:
+    return config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
 
 
-def config_to_argv(cfg: TrainConfig) -> list[str]:
+def config_to_argv(cfg: Any) -> list[str]:
     """The flags that reproduce cfg (for launching `python -m wanlite.distill.train` under torchrun)."""
     argv = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
