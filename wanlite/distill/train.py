@@ -13,8 +13,9 @@ in-process (a one-rank process group is created). Each step:
   4. loss = velocity MSE [+ ground-truth flow term] [+ masked feature loss];
   5. AdamW, warmup + cosine LR, gradient clipping, EMA.
 
-The student is sharded with FSDP2 (`fully_shard` per block, then the model);
-the frozen teacher too when there is more than one rank. Checkpoints hold
+Models are placed by `parallel`: the student under FSDP2 (per block), the
+frozen teacher built sharded from the rows each rank reads when there is more
+than one rank; HSDP (replicate across nodes) when the job spans several nodes. Checkpoints hold
 everything a step depends on (see `checkpointing`), so a killed run resumed
 with `--resume` ends exactly where an uninterrupted one would.
 """
@@ -39,13 +40,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from wanlite.config import ConfigError, get_preset
-from wanlite.distill import checkpointing, objective
+from wanlite.distill import checkpointing, objective, parallel
 from wanlite.distill.data import BatchOrder, EmbeddingSet, LatentSet
 from wanlite.distill.options import (
     TrainConfig,
@@ -75,6 +75,7 @@ class Dist:
 
     rank: int
     world_size: int
+    local_world_size: int
     device: torch.device
     owns_group: bool
 
@@ -97,14 +98,8 @@ def init_distributed() -> Dist:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size(), device, owns)
-
-
-def shard(model: nn.Module, blocks: nn.ModuleList, mesh: Any) -> None:
-    """FSDP2: each transformer block is one unit, the rest of the model the root unit."""
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_world_size, device, owns)
 
 
 def scalar(value: torch.Tensor) -> float:
@@ -150,8 +145,12 @@ def load_student(cfg: TrainConfig) -> nn.Module:
     return compact_text_padding(WanLiteStudent.from_arch(get_preset(cfg.preset).arch))
 
 
-def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(high, low) experts, frozen; bf16 on CUDA (the reader keeps diffusers' fp32 modules), fp32 on CPU."""
+def load_teacher(cfg: TrainConfig, device: torch.device, mesh: Any) -> tuple[nn.Module, nn.Module]:
+    """(high, low) experts, frozen and sharded over `mesh` (None: whole); bf16 on CUDA, fp32 on CPU.
+
+    Each rank reads only the rows it owns (`parallel.sharded_expert`); diffusers'
+    fp32 modules stay fp32.
+    """
     from wanlite.checkpoint.reader import TeacherReader
     from wanlite.pipeline import local_path
 
@@ -160,11 +159,9 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.
     if missing:
         raise ValueError(f"{cfg.teacher}: expected both experts, missing {', '.join(missing)}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    experts = []
-    for name in (HIGH_EXPERT, LOW_EXPERT):
-        model = compact_text_padding(reader.load_expert(name, dtype=dtype).to(device))
-        experts.append(model.eval().requires_grad_(False))
-    return experts[0], experts[1]
+    high, low = (compact_text_padding(parallel.sharded_expert(reader, name, mesh, device, dtype))
+                 for name in (HIGH_EXPERT, LOW_EXPERT))  # fmt: skip
+    return high, low
 
 
 def lr_lambda(cfg: TrainConfig) -> Any:
@@ -289,22 +286,19 @@ class _Run:
     def _build(self) -> _Parts:
         """Student (+ feature adapters) under FSDP2, the frozen teacher, optimizer, LR schedule, EMA, noise."""
         cfg, ctx = self.cfg, self.ctx
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        mesh = parallel.build_mesh(ctx.device.type, ctx.world_size, ctx.local_world_size)
         student = load_student(cfg).to(ctx.device)
         if cfg.grad_checkpointing:
             student.enable_gradient_checkpointing()
-        high, low = load_teacher(cfg, ctx.device)
+        high, low = load_teacher(cfg, ctx.device, mesh if ctx.world_size > 1 else None)
         s_layers = list(range(len(student.blocks))) if cfg.feature_weight else []
         t_layers = objective.map_layers(len(student.blocks), len(high.blocks)) if cfg.feature_weight else []
         torch.manual_seed(cfg.seed + 1)  # adapters: identical on every rank
         widths = [m.config.num_attention_heads * m.config.attention_head_dim for m in (student, high)]
         adapters = nn.ModuleList(nn.Linear(*widths, bias=False) for _ in s_layers).to(ctx.device)
-        shard(student, student.blocks, mesh)
+        parallel.shard_trained(student, student.blocks, mesh)
         for adapter in adapters:
             fully_shard(adapter, mesh=mesh)
-        if ctx.world_size > 1:  # the teacher is sharded too: 2 x 28.6 GB of bf16 experts need not fit one GPU
-            shard(high, high.blocks, mesh)
-            shard(low, low.blocks, mesh)
         model = Trainable(student, adapters)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         return _Parts(
@@ -350,7 +344,7 @@ class _Run:
         sigma_all = objective.sample_sigmas(cfg.batch_size, shift=cfg.shift, generator=p.noise)
         eps_all = torch.randn((cfg.batch_size, *data.latent_shape), generator=p.noise)
         t_all = objective.to_timestep(sigma_all)
-        high_all = objective.routes_high(t_all)
+        run_high, run_low = parallel.experts_to_run(t_all, objective.routes_high)  # the whole batch decides
         mine = order.rank_slice(ctx.rank)
         rows = order.global_indices(step)[mine]
         x0 = data.take(rows).to(dev)
@@ -362,7 +356,7 @@ class _Run:
         with self.autocast:
             target = objective.teacher_targets(
                 *p.experts, x_t, t, context, negative,
-                run_high=bool(high_all.any()), run_low=bool((~high_all).any()), feature_layers=p.teacher_layers,
+                run_high=run_high, run_low=run_low, feature_layers=p.teacher_layers,
             )  # fmt: skip
             with objective.capture_blocks(p.student, p.student_layers) as s_feats:
                 v = objective.predict(p.student, x_t, t, context)
