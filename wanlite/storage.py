@@ -402,6 +402,21 @@ class Store:
         with self._guard("deleting", key):
             self.fs.rm_file(self._path(key))
 
+    def move(self, src: str, dst: str) -> None:
+        """Move every object under `src` to the same relative path under `dst` (manifest first).
+
+        The manifest goes first so an interrupted move never leaves a published
+        artifact with files missing, only files without a manifest (which no
+        reader trusts). On S3 each object is copied then deleted.
+        """
+        rels = sorted(self.sizes(src), key=lambda rel: rel != MANIFEST_NAME)
+        for rel in rels:
+            source, target = self._path(join_key(src, rel)), self._path(join_key(dst, rel))
+            with self._guard("moving", join_key(src, rel)):
+                if self.protocol == "file":
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.mv(source, target)
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys of every object under prefix (recursive), sorted, relative to the store root."""
         return sorted(join_key(prefix, rel) for rel in self.sizes(prefix))

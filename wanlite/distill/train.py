@@ -215,21 +215,34 @@ class _Run:
         self.fp = fingerprint(cfg, ctx.world_size, data.digest, emb.digest)
         self.run_name = cfg.run_name or default_run_name(cfg, self.fp)
         self.run_key = f"runs/{self.run_name}"
-        start = self._check_run_state(self.fp)
+        self._refuse_to_overwrite()
         finished = final_result(self.store, self.run_key)
-        if finished is not None:  # --resume of a run that already published its student
+        if finished is not None:  # --resume of a run that already published its student (by this config?)
+            latest = checkpointing.latest_checkpoint(self.store, self.run_key)
+            if latest is not None:
+                state = checkpointing.read_trainer_state(self.store, latest[1])
+                check_resumable(self.fp, state["fingerprint"], self.store.uri(latest[1]))
             log.info("run %s is already finished: %s", self.run_name, finished["student_uri"])
             return finished
+        ckpt = checkpointing.CheckpointManager(self.store, self.run_key,
+                                               checkpointing.staging_folder(self._staging_root(), self.run_name))
+        try:
+            return self._train(ckpt, data, emb, order)
+        finally:
+            ckpt.close()
 
+    def _train(
+        self, ckpt: checkpointing.CheckpointManager, data: LatentSet, emb: EmbeddingSet, order: BatchOrder
+    ) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        restored = self._restore(ckpt)
+        start = restored.step if restored else 0
         p = self._build()
         log_state: dict[str, Any] = {"history": {"step": [], "loss": []}, "metrics": {}, "mlflow_run_id": None}
-        if start:
-            state = checkpointing.load_checkpoint(
-                store=self.store, key=checkpointing.checkpoint_key(self.run_key, start),
-                model=p.model, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
-            )  # fmt: skip
-            p.scheduler.load_state_dict(state["scheduler"])
-            log_state = {k: state[k] for k in log_state}
+        if restored:
+            ckpt.load(restored, model=p.model, optimizer=p.optimizer, ema=p.ema, noise=p.noise)
+            p.scheduler.load_state_dict(restored.trainer_state["scheduler"])
+            log_state = {k: restored.trainer_state[k] for k in log_state}
             log.info("resumed %s from step %d", self.run_name, start)
 
         tracker = Tracker(ctx.is_main, cfg.mlflow_uri, cfg.experiment)
@@ -269,10 +282,8 @@ class _Run:
                 if grid is not None and (done % cfg.grid_every == 0 or done == cfg.steps):
                     grid.log(done)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    checkpointing.save_checkpoint(
-                        store=self.store, key=checkpointing.checkpoint_key(self.run_key, done),
-                        staging=self._staging() / f"step-{done:08d}",
-                        model=p.model, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
+                    ckpt.save(
+                        done, model=p.model, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
                         trainer_state={"step": done, "scheduler": p.scheduler.state_dict(), "fingerprint": self.fp,
                                        **log_state},
                     )  # fmt: skip
@@ -318,25 +329,29 @@ class _Run:
 
     # --- pieces of execute ---------------------------------------------------------------
 
-    def _check_run_state(self, fp: dict[str, Any]) -> int:
-        """The step to start from: 0 for a new run, the latest complete checkpoint with --resume."""
-        latest = checkpointing.latest_checkpoint(self.store, self.run_key)
-        if latest is None:
-            if self.cfg.resume:
-                log.info("--resume: nothing to resume under %s yet; starting at step 0", self.store.uri(self.run_key))
-            return 0
-        step, key = latest
-        if not self.cfg.resume:
+    def _refuse_to_overwrite(self) -> None:
+        """Without --resume, a run that has written anything is an error (nothing is overwritten)."""
+        steps = checkpointing.checkpoint_steps(self.store, self.run_key)
+        if steps and not self.cfg.resume:
             raise ConfigError(
-                f"run {self.run_name}: {self.store.uri(key)} already exists; pass --resume to continue "
-                "(or to fetch the result of) that run, or choose another --run-name (nothing was overwritten)"
+                f"run {self.run_name}: {self.store.uri(checkpointing.checkpoint_key(self.run_key, steps[0]))} already "
+                "exists; pass --resume to continue (or to fetch the result of) that run, or choose another "
+                "--run-name (nothing was overwritten)"
             )
-        check_resumable(fp, checkpointing.read_trainer_state(self.store, key)["fingerprint"], self.store.uri(key))
-        return step
 
-    def _staging(self) -> Path:
-        root = Path(self.cfg.staging_dir) if self.cfg.staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
-        return root / self.run_name
+    def _restore(self, ckpt: checkpointing.CheckpointManager) -> checkpointing.Restored | None:
+        """The newest good checkpoint with --resume (verified on every rank, written by this config), else None."""
+        if not self.cfg.resume:
+            return None
+        restored = ckpt.restore()
+        if restored is None:
+            log.info("--resume: nothing to resume under %s yet; starting at step 0", self.store.uri(self.run_key))
+            return None
+        check_resumable(self.fp, restored.trainer_state["fingerprint"], self.store.uri(restored.key))
+        return restored
+
+    def _staging_root(self) -> Path:
+        return Path(self.cfg.staging_dir) if self.cfg.staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
 
     def _step(self, step: int, data: LatentSet, emb: EmbeddingSet, order: BatchOrder, p: _Parts) -> torch.Tensor:
         """Forward and backward of one step; returns this rank's loss sums for logging (all-reduced)."""
