@@ -297,7 +297,7 @@ class _Run:
     def _build(self) -> _Parts:
         """Student (+ feature adapters) under FSDP2, the frozen teacher, optimizer, LR schedule, EMA, noise."""
         cfg, ctx = self.cfg, self.ctx
-        mesh = parallel.build_mesh(ctx.device.type, ctx.world_size, ctx.local_world_size)
+        mesh = parallel.build_mesh(ctx.device.type, ctx.world_size, ctx.local_world_size, hsdp=cfg.hsdp)
         student = load_student(cfg).to(ctx.device)
         if cfg.grad_checkpointing:
             student.enable_gradient_checkpointing()
