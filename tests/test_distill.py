@@ -214,7 +214,8 @@ def _start_nodes(cfg: Any, tmp_path: Path, phase: str) -> list[subprocess.Popen]
         node_cfg = dataclasses.replace(cfg, staging_dir=str(tmp_path / f"node{node}"))
         command = torchrun_command(node_cfg, 1, nnodes=2, rendezvous=f"127.0.0.1:{port}")
         log = open(tmp_path / f"{phase}-node{node}.log", "wb")  # noqa: SIM115 (closed with the process)
-        nodes.append(subprocess.Popen(command, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+        env = {**child_env(), "OMP_NUM_THREADS": "1"}  # what torchrun gives the 2-process reference's ranks
+        nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))  # fmt: skip
     return nodes
 
