@@ -78,3 +78,15 @@ def test_the_run_decision_comes_from_the_whole_batch() -> None:
     assert parallel.experts_to_run(T_GLOBAL, objective.routes_high) == (True, True)
     assert parallel.experts_to_run(T_GLOBAL[1:], objective.routes_high) == (False, True)
 
+
+
+def test_every_launch_stages_in_its_own_folder(tmp_path: Path) -> None:
+    """Two launches of one run on one machine (issue 15) never share a staging folder."""
+    from wanlite.distill.checkpointing import staging_folder
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        first, second = (staging_folder(tmp_path, "run") for _ in range(2))
+    finally:
+        dist.destroy_process_group()
+    assert first != second and first.parent == second.parent == tmp_path / "run"
