@@ -221,8 +221,11 @@ def _start_nodes(cfg: Any, tmp_path: Path, phase: str) -> list[subprocess.Popen]
 
 
 def _stop(nodes: list[subprocess.Popen]) -> None:
+    """Kill what is left of the nodes: torchrun and its workers (which run in sessions of their own)."""
     for node in nodes:
         if node.poll() is None:
+            for worker in psutil.Process(node.pid).children(recursive=True):
+                worker.kill()
             os.killpg(node.pid, signal.SIGKILL)
             node.wait()
 
