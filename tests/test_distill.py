@@ -166,7 +166,7 @@ def test_two_nodes_without_a_shared_disk_checkpoint_every_rank_and_resume_after_
     two_process_run: dict[str, Any], tiny_train_base: Any, tmp_path: Path
 ) -> None:
     """Two torchrun "nodes" on loopback (c10d rendezvous), each staging on its own folder; node 2's rank is killed."""
-    cfg = run_config(tiny_train_base, tmp_path, run_name="two-nodes", hsdp=False, **RESUMABLE)
+    cfg = run_config(tiny_train_base, tmp_path, run_name="two-nodes", **RESUMABLE)  # HSDP: the multi-node default
     store = Store(cfg.out)
     first = checkpoint_key("runs/two-nodes", 2)
     nodes = _start_nodes(cfg, tmp_path, "first")
@@ -183,6 +183,7 @@ def test_two_nodes_without_a_shared_disk_checkpoint_every_rank_and_resume_after_
     assert {"__0_0.distcp", "__1_0.distcp"} <= files, "every rank's DCP shards reach the store"
     assert store.read_manifest("runs/two-nodes/final") is None
 
+    killed_launches = _launch_folders(tmp_path)  # what a killed launch leaves behind (documented)
     nodes = _start_nodes(dataclasses.replace(cfg, resume=True), tmp_path, "resume")
     try:
         assert [n.wait(timeout=600) for n in nodes] == [0, 0], _logs(tmp_path, "resume")
@@ -192,8 +193,11 @@ def test_two_nodes_without_a_shared_disk_checkpoint_every_rank_and_resume_after_
     assert ours.metrics["history"] == reference.metrics["history"]
     for name, value in ours.weights.items():
         torch.testing.assert_close(value, reference.weights[name], rtol=0, atol=1e-6, msg=name)
-    for node in (0, 1):  # each launch cleaned its own staging folders
-        assert not any(p.is_file() for p in (tmp_path / f"node{node}").rglob("*"))
+    assert _launch_folders(tmp_path) == killed_launches, "the resumed launch removed its staging folders"
+
+
+def _launch_folders(tmp_path: Path) -> set[Path]:
+    return {p for node in (0, 1) for p in (tmp_path / f"node{node}" / "two-nodes").glob("*")}
 
 
 def final_result_of(store: Store, run: str) -> dict[str, Any]:

@@ -15,9 +15,10 @@ in-process (a one-rank process group is created). Each step:
 
 Models are placed by `parallel`: the student under FSDP2 (per block), the
 frozen teacher built sharded from the rows each rank reads when there is more
-than one rank; HSDP (replicate across nodes) when the job spans several nodes. Checkpoints hold
-everything a step depends on (see `checkpointing`), so a killed run resumed
-with `--resume` ends exactly where an uninterrupted one would.
+than one rank, HSDP when the job spans several nodes. Checkpoints are written,
+uploaded and read by `checkpointing.CheckpointManager`; they hold everything
+a step depends on, so a killed run resumed with `--resume` ends exactly where
+an uninterrupted one would.
 """
 
 from __future__ import annotations
