@@ -73,9 +73,11 @@ def frozen_units(model: nn.Module) -> list[nn.Module]:
 
     Finer than one unit per block: each attention, FFN and norm of a block, and
     each embedding MLP, is its own unit. A forward-only model gathers one unit
-    at a time and frees it right after, so the unsharded bytes a rank holds at
-    once are its largest unit's (an FFN, or the time projection), not a whole
-    block's; the price is more, smaller all-gathers.
+    at a time and frees it right after, so what a rank holds unsharded at once
+    is bounded by its largest unit (an FFN, or the time projection), not a
+    whole block; while a unit is gathered its all-gather buffer and unsharded
+    copy coexist, about twice its bytes (measured in BENCHMARKS.md). The price
+    is more, smaller all-gathers.
     """
     units: list[nn.Module] = []
     for parent in (*model.blocks, model.condition_embedder):
@@ -147,9 +149,9 @@ def sharded_expert(
     """One frozen teacher expert, sharded over `mesh` (None: whole, for one rank), built without ever being whole.
 
     Built on the meta device, sharded (`frozen_units`), then each rank reads
-    from the safetensors just the rows of every tensor it owns: host and
-    device memory per rank ~ the expert's bytes / shard-group size, plus one
-    unit while it runs.
+    from the safetensors just the rows of every tensor it owns: a rank holds
+    the expert's bytes / shard-group size, plus about twice its largest unit
+    while that unit runs (`frozen_units`).
     """
     from wanlite.checkpoint.transformer_keys import diffusers_to_native_names
 
