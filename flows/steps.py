@@ -83,9 +83,15 @@ def encode_prompts_flow(teacher_uri: str, store: str, prompts: str, num_prompts:
 
 @step_flow("teacher-data", 48 * HOUR)
 def teacher_data_flow(
-    teacher_uri: str, embeddings_uri: str, store: str, preset: str, sample_steps: int, seed: int
+    teacher_uri: str,
+    embeddings_uri: str,
+    store: str,
+    preset: str,
+    sample_steps: int,
+    seed: int,
+    samples_per_prompt: int = 1,
 ) -> dict[str, Any]:
-    """Sample clean latents x0 with the teacher (both experts, CFG) for every prompt."""
+    """Sample clean latents x0 with the teacher (both experts, CFG), samples_per_prompt per prompt."""
     return step_task("teacher-data", dag.teacher_data)(
         teacher_uri=teacher_uri,
         embeddings_uri=embeddings_uri,
@@ -93,6 +99,7 @@ def teacher_data_flow(
         preset=preset,
         sample_steps=sample_steps,
         seed=seed,
+        samples_per_prompt=samples_per_prompt,
     )
 
 

@@ -9,9 +9,10 @@
 #
 # Arguments are those of `python -m wanlite.distill.train` (see its --help). Every
 # node needs the same environment (WANLITE_STORE / S3 endpoint and credentials,
-# MLFLOW_TRACKING_URI; infra/README.md). An elastic range (WANLITE_NNODES=2:4)
-# lets the job continue when a node is lost; a restarted job resumes from the
-# latest complete checkpoint in the store.
+# MLFLOW_TRACKING_URI; infra/README.md). A restarted job (torchrun restarts it up to
+# WANLITE_MAX_RESTARTS times) resumes from the latest good checkpoint in the store
+# when it has the same number of ranks; checkpoints do not resume on another world
+# size, so an elastic range (WANLITE_NNODES=2:4) only helps while every node is up.
 set -euo pipefail
 
 : "${WANLITE_NNODES:?set WANLITE_NNODES (nodes, or MIN:MAX for an elastic job)}"

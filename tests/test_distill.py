@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -164,6 +166,113 @@ def test_a_sigkilled_run_resumes_to_the_same_weights(
     for name, value in ours.weights.items():
         torch.testing.assert_close(value, reference.weights[name], rtol=0, atol=1e-6, msg=name)
     assert resumed["mlflow_run_id"] == killed_mlflow_run, "a resumed run continues its MLflow run"
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_disk_checkpoint_every_rank_and_resume_after_a_kill(
+    two_process_run: dict[str, Any], tiny_train_base: Any, tmp_path: Path
+) -> None:
+    """Two torchrun "nodes" on loopback (c10d rendezvous), each staging on its own folder; node 2's rank is killed."""
+    cfg = run_config(tiny_train_base, tmp_path, run_name="two-nodes", **RESUMABLE)  # HSDP: the multi-node default
+    store = Store(cfg.out)
+    first = checkpoint_key("runs/two-nodes", 2)
+    nodes = _start_nodes(cfg, tmp_path, "first")
+    try:
+        while store.read_manifest(first) is None:
+            assert all(n.poll() is None for n in nodes), f"a node ended early:\n{_logs(tmp_path, 'first')}"
+            time.sleep(0.005)
+        os.kill(_rank_pid(nodes[1].pid, rank=1), signal.SIGKILL)
+        assert all(n.wait(timeout=300) != 0 for n in nodes)
+    finally:
+        _stop(nodes)
+    files = set(store.read_manifest(first).files)
+    assert {"rng-rank00000.pt", "rng-rank00001.pt", ".metadata", "trainer_state.json"} <= files
+    assert {"__0_0.distcp", "__1_0.distcp"} <= files, "every rank's DCP shards reach the store"
+    assert store.read_manifest("runs/two-nodes/final") is None
+
+    killed_launches = _launch_folders(tmp_path)  # what a killed launch leaves behind (documented)
+    nodes = _start_nodes(dataclasses.replace(cfg, resume=True), tmp_path, "resume")
+    try:
+        assert [n.wait(timeout=600) for n in nodes] == [0, 0], _logs(tmp_path, "resume")
+    finally:
+        _stop(nodes)
+    ours, reference = read_run(final_result_of(store, "two-nodes")), read_run(two_process_run)
+    assert ours.metrics["history"] == reference.metrics["history"]
+    for name, value in ours.weights.items():
+        torch.testing.assert_close(value, reference.weights[name], rtol=0, atol=1e-6, msg=name)
+    assert _launch_folders(tmp_path) == killed_launches, "the resumed launch removed its staging folders"
+
+
+def _launch_folders(tmp_path: Path) -> set[Path]:
+    return {p for node in (0, 1) for p in (tmp_path / f"node{node}" / "two-nodes").glob("*")}
+
+
+def final_result_of(store: Store, run: str) -> dict[str, Any]:
+    from wanlite.distill.train import final_result
+
+    result = final_result(store, f"runs/{run}")
+    assert result is not None
+    return result
+
+
+def _start_nodes(cfg: Any, tmp_path: Path, phase: str) -> list[subprocess.Popen]:
+    """One torchrun per "node", each with its own staging folder, meeting at a c10d rendezvous on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for node in (0, 1):
+        node_cfg = dataclasses.replace(cfg, staging_dir=str(tmp_path / f"node{node}"))
+        command = torchrun_command(node_cfg, 1, nnodes=2, rendezvous=f"127.0.0.1:{port}")
+        log = open(tmp_path / f"{phase}-node{node}.log", "wb")  # noqa: SIM115 (closed with the process)
+        env = {**child_env(), "OMP_NUM_THREADS": "1"}  # what torchrun gives the 2-process reference's ranks
+        nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))  # fmt: skip
+    return nodes
+
+
+def _stop(nodes: list[subprocess.Popen]) -> None:
+    """Kill what is left of the nodes: torchrun and its workers (which run in sessions of their own)."""
+    for node in nodes:
+        if node.poll() is None:
+            for worker in psutil.Process(node.pid).children(recursive=True):
+                worker.kill()
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+
+
+def _logs(tmp_path: Path, phase: str) -> str:
+    return "\n".join((tmp_path / f"{phase}-node{n}.log").read_text()[-3000:] for n in (0, 1))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_checkpoint_is_quarantined_and_the_run_resumes_from_the_last_good_one(
+    tiny_train_base: Any, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = run_config(tiny_train_base, tmp_path, run_name="damaged", steps=2, checkpoint_every=1, cfg=False)
+    reference = read_run(distill(cfg))
+    store = Store(cfg.out)
+    Path(store._path("runs/damaged/final/_MANIFEST.json")).unlink()  # as if killed after its last checkpoint
+    victim = Path(store._path(checkpoint_key("runs/damaged", 2))) / "__0_0.distcp"
+    good = victim.read_bytes()
+    if damage == "truncated":
+        victim.write_bytes(good[: len(good) // 2])
+        reason = f"__0_0.distcp ({len(good) // 2} bytes, expected {len(good)})"
+    else:
+        middle = len(good) // 2
+        victim.write_bytes(good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 8]) + good[middle + 8 :])
+        reason = "content does not match the manifest"
+
+    with caplog.at_level(logging.WARNING, logger="wanlite.distill.checkpointing"):
+        resumed = read_run(distill(dataclasses.replace(cfg, resume=True)))
+    assert reason in caplog.text and "resuming from an older checkpoint" in caplog.text
+    assert "interrupted" not in caplog.text
+    quarantined = store.list("runs/damaged/quarantine")
+    assert any(k.endswith("/__0_0.distcp") for k in quarantined)
+    assert any(reason in store.get_bytes(k).decode() for k in quarantined if k.endswith("_QUARANTINE_REASON.txt"))
+    assert store.read_manifest(checkpoint_key("runs/damaged", 2)) is not None, "step 2 written again"
+    for name, value in resumed.weights.items():
+        torch.testing.assert_close(value, reference.weights[name], rtol=0, atol=1e-6, msg=name)
 
 
 def _rank_pid(torchrun_pid: int, rank: int) -> int:

@@ -226,6 +226,32 @@ def test_local_dir_never_trusts_a_half_downloaded_cache(
     assert list((tmp_path / "cache" / "store").iterdir()) == []  # the temp download was removed too
 
 
+def _fetch_into_cache(root: str, endpoint: str, cache: str, log_file: str) -> None:
+    os.environ["WANLITE_CACHE"] = cache
+    logging.basicConfig(filename=log_file, level=logging.INFO)
+    Store(root, storage_options={"endpoint_url": endpoint}).local_dir("art", progress=False)
+
+
+def test_processes_sharing_a_cache_download_once(s3_store: Store, moto_server: str, tmp_path: Path) -> None:
+    """The ranks of one node call local_dir together: one downloads, the others wait and use its copy."""
+    import multiprocessing
+
+    s3_store.put_dir(_write(tmp_path / "src", TREE), "art", progress=False)
+    spawn = multiprocessing.get_context("spawn")
+    ranks = [spawn.Process(target=_fetch_into_cache,
+                           args=(s3_store.root, moto_server, str(tmp_path / "cache"), str(tmp_path / f"{i}.log")))
+             for i in range(3)]  # fmt: skip
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=120)
+    assert [rank.exitcode for rank in ranks] == [0, 0, 0]
+    logs = [(tmp_path / f"{i}.log").read_text() for i in range(3)]
+    assert sum("downloading into the cache" in text for text in logs) == 1
+    digest = s3_store.read_manifest("art").digest
+    assert [p.name for p in (tmp_path / "cache" / "store").iterdir()] == [digest]
+
+
 # ----------------------------------------------------------------- S3 failure modes
 
 

@@ -314,3 +314,15 @@ def test_sparse_a14b_has_full_shapes_and_costs_no_disk(tmp_path: Path) -> None:
     vae = torch.load(root / L.NATIVE_VAE, weights_only=True, mmap=True)
     assert {k: tuple(v.shape) for k, v in vae.items()} == vae_native_shapes(WAN21_VAE)
     assert AutoTokenizer.from_pretrained(root / L.NATIVE_TOKENIZER).pad_token_id == 0
+
+
+def test_layers_keeps_a14b_width_with_fewer_blocks(tmp_path: Path) -> None:
+    assert cli.main(["synth-teacher", str(tmp_path / "two"), "--size", "a14b", "--layers", "2", "--sparse"]) == 0
+    arch = A14B.replace(num_layers=2)
+    for expert in L.EXPERT_DIRS:
+        assert json.loads((tmp_path / "two" / expert / L.EXPERT_CONFIG).read_text()) == arch.native_config()
+        index = json.loads((tmp_path / "two" / expert / L.SHARD_INDEX).read_text())
+        assert set(index["weight_map"]) == set(native_tensor_shapes(arch))
+        assert index["metadata"]["total_size"] == arch.num_params() * 4
+    assert cli.main(["synth-teacher", str(tmp_path / "zero"), "--layers", "0"]) == 2
+    assert not (tmp_path / "zero").exists()

@@ -95,6 +95,38 @@ def test_rerun_skips_finished_shards_and_finishes_the_rest(
     assert teacher_data(tiny_teacher, tiny_embeddings["uri"], store.root, **kwargs)["skipped"]
 
 
+def test_two_workers_make_the_set_one_worker_makes_and_a_killed_one_redoes_only_its_unfinished_shards(
+    tiny_teacher: Path, tiny_embeddings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wanlite.distill import teacher_data as module
+
+    kwargs = dict(image_size=TINY_IMAGE, steps=TINY_SAMPLER_STEPS, shard_size=1, batch_size=1, progress=False)
+    one = teacher_data(tiny_teacher, tiny_embeddings["uri"], (tmp_path / "one").as_uri(), **kwargs)
+    made: list[list[int]] = []
+    write = module._ShardMaker.write
+
+    def recording(self: Any, folder: Path, source: str, rows: list[int]) -> None:
+        made.append(rows)
+        if made.count([3]) == 1 and rows == [3]:  # worker 1's second shard: killed while sampling it
+            raise KeyboardInterrupt
+        write(self, folder, source, rows)
+
+    monkeypatch.setattr(module._ShardMaker, "write", recording)
+    root = (tmp_path / "two").as_uri()
+    first = teacher_data(tiny_teacher, tiny_embeddings["uri"], root, worker=0, workers=2, **kwargs)
+    assert not first["complete"] and made == [[0], [2]]
+    with pytest.raises(KeyboardInterrupt):
+        teacher_data(tiny_teacher, tiny_embeddings["uri"], root, worker=1, workers=2, **kwargs)
+    rerun = teacher_data(tiny_teacher, tiny_embeddings["uri"], root, worker=1, workers=2, **kwargs)
+    assert made == [[0], [2], [1], [3], [3]], "the killed shard is redone, the finished ones never"
+    assert rerun["complete"] and rerun["digest"] == one["digest"] and rerun["key"] == one["key"]
+    for shard in sorted((tmp_path / "one" / one["key"]).glob("shard-*")):
+        twin = tmp_path / "two" / one["key"] / shard.name / "latents.safetensors"
+        assert twin.read_bytes() == (shard / "latents.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="worker: expected 0 <= worker < workers"):
+        teacher_data(tiny_teacher, tiny_embeddings["uri"], root, worker=2, workers=2, **kwargs)
+
+
 def test_embeddings_of_another_encoder_are_refused(
     tiny_teacher: Path, tiny_diffusers_teacher: Path, tiny_latents: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -96,6 +96,7 @@ class RunSpec:
     num_prompts: int | None = None
     num_eval_prompts: int | None = None
     sample_steps: int | None = None
+    samples_per_prompt: int | None = None
     projection_method: str = "importance"
     projection_expert: str | None = None
     guided: bool = True
@@ -150,6 +151,7 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_prompts": 8,
         "num_eval_prompts": 3,  # several prompts in the grid a person judges on the registry page
         "sample_steps": 4,
+        "samples_per_prompt": 1,
         "projection_expert": "mix",
         "steps": 24,
         "batch_size": 4,
@@ -167,6 +169,7 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_prompts": None,
         "num_eval_prompts": 16,
         "sample_steps": 40,
+        "samples_per_prompt": 16,  # 4,736 images for 296 prompts; cost model in the README
         "projection_expert": "low",
         "steps": 20000,
         "batch_size": 64,
@@ -260,15 +263,22 @@ def encode_prompts(teacher_uri: str, store: str, prompts: str = "default", num_p
 
 
 def teacher_data(
-    teacher_uri: str, embeddings_uri: str, store: str, preset: str, sample_steps: int, seed: int = 0
+    teacher_uri: str,
+    embeddings_uri: str,
+    store: str,
+    preset: str,
+    sample_steps: int,
+    seed: int = 0,
+    samples_per_prompt: int = 1,
 ) -> dict[str, Any]:
-    """Sample one clean latent per prompt with the teacher at the preset's image size."""
+    """Sample `samples_per_prompt` clean latents per prompt with the teacher at the preset's image size."""
     from wanlite.distill.teacher_data import teacher_data as sample_teacher
 
     image_size = get_preset(preset).image_size
     return sample_teacher(
-        teacher_uri, embeddings_uri, store, image_size=image_size, steps=sample_steps, seed=seed, progress=False
-    )
+        teacher_uri, embeddings_uri, store, image_size=image_size, steps=sample_steps, seed=seed,
+        samples_per_prompt=samples_per_prompt, progress=False,
+    )  # fmt: skip
 
 
 def project(
@@ -643,7 +653,8 @@ def wire(step: str, spec: RunSpec, out: Mapping[str, Mapping[str, Any]]) -> dict
     embeddings = out["encode-prompts"]["uri"]
     if step == "teacher-data":
         return {"teacher_uri": teacher, "embeddings_uri": embeddings, "store": store, "preset": spec.preset,
-                "sample_steps": spec.sample_steps, "seed": spec.seed}  # fmt: skip
+                "sample_steps": spec.sample_steps, "seed": spec.seed,
+                "samples_per_prompt": spec.samples_per_prompt}  # fmt: skip
     data = out["teacher-data"]["uri"]
     if step == "project":
         return {"teacher_uri": teacher, "data_uri": data, "embeddings_uri": embeddings, "store": store,

@@ -402,6 +402,21 @@ class Store:
         with self._guard("deleting", key):
             self.fs.rm_file(self._path(key))
 
+    def move(self, src: str, dst: str) -> None:
+        """Move every object under `src` to the same relative path under `dst` (manifest first).
+
+        The manifest goes first so an interrupted move never leaves a published
+        artifact with files missing, only files without a manifest (which no
+        reader trusts). On S3 each object is copied then deleted.
+        """
+        rels = sorted(self.sizes(src), key=lambda rel: rel != MANIFEST_NAME)
+        for rel in rels:
+            source, target = self._path(join_key(src, rel)), self._path(join_key(dst, rel))
+            with self._guard("moving", join_key(src, rel)):
+                if self.protocol == "file":
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.mv(source, target)
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys of every object under prefix (recursive), sorted, relative to the store root."""
         return sorted(join_key(prefix, rel) for rel in self.sizes(prefix))
@@ -589,34 +604,53 @@ class Store:
         byte on each call). s3://: a copy in the content-addressed cache
         `$WANLITE_CACHE/store/<manifest digest>/`, downloaded into a temp
         directory, sha256-verified, then renamed into place (local rename is
-        atomic, so a half-downloaded cache is never seen).
+        atomic, so a half-downloaded cache is never seen). Processes sharing
+        the cache (the ranks of one node) download once: the first holds a
+        lock on the digest while the others wait for it, then find the copy.
+        The cache outlives the job, so a restarted job downloads nothing.
         """
         manifest = self._require(key)
         if self.protocol == "file":
             return Path(self._path(key))
         cache_root = default_cache_dir() / "store"
         final = cache_root / manifest.digest
-        if _local_complete(final, manifest):
-            log.debug("%s: using cached copy %s", self.uri(key), final)
-            return final
-        tmp = cache_root / f".tmp-{manifest.digest[:16]}-{uuid.uuid4().hex[:8]}"
-        try:
-            self._download_all(key, manifest, tmp, progress)
+        with _exclusive(default_cache_dir() / "locks" / f"{manifest.digest}.lock"):  # one download per machine
+            if _local_complete(final, manifest):
+                log.debug("%s: using cached copy %s", self.uri(key), final)
+                return final
+            log.info("%s: downloading into the cache %s", self.uri(key), final)
+            tmp = cache_root / f".tmp-{manifest.digest[:16]}-{uuid.uuid4().hex[:8]}"
             try:
-                os.replace(tmp, final)
-            except OSError:  # final exists: a concurrent process finished first, or a damaged copy
-                if not _local_complete(final, manifest):
+                self._download_all(key, manifest, tmp, progress)
+                if final.exists():  # a damaged copy (a complete one returned above)
                     log.warning("%s: cached copy %s is incomplete; replacing it", self.uri(key), final)
                     shutil.rmtree(final)
-                    os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return final
 
 
 def local_dir(uri: str, *, progress: bool = True) -> Path:
     """A verified local directory for the artifact at uri (see `Store.local_dir`)."""
     return Store.from_env(uri).local_dir("", progress=progress)
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file`, waiting while another process holds it.
+
+    An advisory `flock`: the kernel releases it when its holder exits, even when killed.
+    """
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _difference(old: dict[str, FileEntry], new: dict[str, FileEntry]) -> str:

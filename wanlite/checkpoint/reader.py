@@ -151,6 +151,20 @@ class TeacherReader:
             raise TeacherReadError(f"{file}: {stored}: expected shape {expected}, found {tuple(value.shape)}")
         return value
 
+    def rows(self, expert: str, native_name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor, reading only those bytes (what a rank of a sharded teacher owns)."""
+        file, stored = self.location(expert, native_name)
+        if not file.is_file():
+            raise TeacherReadError(f"{file}: missing shard (the index lists {stored!r} in it)")
+        with safe_open(str(file), framework="pt") as fh:
+            if stored not in fh.keys():
+                raise TeacherReadError(f"{file}: missing tensor {stored!r} (the shard index lists it here)")
+            part = fh.get_slice(stored)
+            expected = native_tensor_shapes(self.arch)[native_name]
+            if tuple(part.get_shape()) != expected:
+                raise TeacherReadError(f"{file}: {stored}: expected shape {expected}, found {tuple(part.get_shape())}")
+            return part[start:stop] if expected else part[:]
+
     def tensors(self, expert: str) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor of an expert in native order, one at a time."""
         for name in native_tensor_shapes(self.arch):
@@ -183,6 +197,18 @@ class TeacherReader:
         with init_empty_weights():
             model = WanTransformer3DModel.from_config(self.arch.diffusers_config())
         model.load_state_dict(state, strict=True, assign=True)
+        cast_keeping_fp32_modules(model, dtype)
+        return model.eval().requires_grad_(False)
+
+    def empty_expert(self, expert: str, dtype: torch.dtype = torch.float32) -> WanTransformer3DModel:
+        """An expert with parameters on the meta device in the dtypes `load_expert` gives (buffers real).
+
+        What a sharded teacher starts from: shard it, then fill each rank's
+        rows with `rows` (see `wanlite.distill.parallel.sharded_expert`).
+        """
+        self.expert(expert)
+        with init_empty_weights():
+            model = WanTransformer3DModel.from_config(self.arch.diffusers_config())
         cast_keeping_fp32_modules(model, dtype)
         return model.eval().requires_grad_(False)
 

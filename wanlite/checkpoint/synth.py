@@ -145,9 +145,19 @@ class SynthTensors(Mapping[str, torch.Tensor]):
         return {name: self[name] for name in self.shapes}
 
 
-def expert_tensors(size: Size, expert: str, seed: int) -> SynthTensors:
-    """The random native-named weights of one expert (`high_noise_model` or `low_noise_model`)."""
-    return SynthTensors(native_tensor_shapes(SIZES[size].expert), EXPERT_DTYPE, seed, expert)
+def expert_tensors(size: Size, expert: str, seed: int, layers: int | None = None) -> SynthTensors:
+    """The random native-named weights of one expert (`high_noise_model` or `low_noise_model`).
+
+    `layers` keeps the size's width and changes only the number of blocks; the
+    tensors the two depths share are identical.
+    """
+    return SynthTensors(native_tensor_shapes(expert_arch(size, layers)), EXPERT_DTYPE, seed, expert)
+
+
+def expert_arch(size: Size, layers: int | None = None) -> WanArch:
+    """The expert architecture of a size, with `layers` blocks instead of the real count when given."""
+    arch = SIZES[size].expert
+    return arch if layers is None else arch.replace(num_layers=layers)
 
 
 def t5_tensors(size: Size, seed: int) -> SynthTensors:
@@ -340,8 +350,12 @@ def synth_teacher(
     layout: L.Layout = "native",
     seed: int = 0,
     sparse: bool = False,
+    layers: int | None = None,
 ) -> Path:
     """Write a synthetic Wan 2.2 T2V-A14B teacher to `out_dir` (which must not exist) and return it.
+
+    `layers` (native layout) sets the number of blocks per expert at the size's
+    full width: a 2-layer `a14b` teacher measures memory at real width on a laptop.
 
     The directory is assembled next to `out_dir` and renamed into place only when
     complete, so a crash never leaves something that looks like a teacher.
@@ -355,13 +369,15 @@ def synth_teacher(
         raise ValueError("layout: the diffusers layout is synthesised at size 'tiny' only; use 'native' for a14b")
     if sparse and size != "a14b":
         raise ValueError("sparse: only meaningful for size 'a14b' (a tiny teacher of zeros tests nothing)")
+    if layers is not None and (layers < 1 or layout != "native"):
+        raise ValueError(f"layers: expected a positive number of blocks with the native layout, found {layers}")
     if out.exists():
         raise FileExistsError(f"{out}: already exists; synth-teacher writes a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         if layout == "native":
-            _write_native(work, size, seed, sparse)
+            _write_native(work, size, seed, sparse, layers)
         else:
             _write_diffusers(work, seed)
         work.rename(out)
@@ -372,7 +388,7 @@ def synth_teacher(
     return out
 
 
-def _write_native(out: Path, size: Size, seed: int, sparse: bool) -> None:
+def _write_native(out: Path, size: Size, seed: int, sparse: bool, layers: int | None) -> None:
     spec = SIZES[size]
     build_tokenizer(out / L.NATIVE_TOKENIZER)
     t5, vae = t5_tensors(size, seed), vae_tensors(size, seed)
@@ -385,8 +401,8 @@ def _write_native(out: Path, size: Size, seed: int, sparse: bool) -> None:
     for expert in L.EXPERT_DIRS:
         write_native_expert(
             out / expert,
-            expert_tensors(size, expert, seed),
-            spec.expert,
+            expert_tensors(size, expert, seed, layers),
+            expert_arch(size, layers),
             max_shard_bytes=spec.max_shard_bytes,
             sparse=sparse,
         )

@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a14b only: write valid headers and leave the tensor data as holes (sparse files of zeros): "
         "~126 GB apparent, a few MB on disk, seconds to write",
     )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="blocks per expert at the size's full width (native layout; default: the size's own, 40 for a14b): "
+        "`--size a14b --layers 2 --sparse` measures memory at A14B width on a laptop",
+    )
     parser.set_defaults(func=run)
 
 
@@ -44,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from wanlite.checkpoint.synth import synth_teacher
 
     try:
-        out = synth_teacher(args.out, size=args.size, layout=args.layout, seed=args.seed, sparse=args.sparse)
-    except FileExistsError as err:  # a usage error here, not a crash: never overwrite a teacher
+        out = synth_teacher(args.out, size=args.size, layout=args.layout, seed=args.seed, sparse=args.sparse,
+                            layers=args.layers)  # fmt: skip
+    except (FileExistsError, ValueError) as err:  # a usage error here, not a crash: never overwrite a teacher
         print(f"wanlite synth-teacher: error: {err}", file=sys.stderr)
         return 2
     print(out)

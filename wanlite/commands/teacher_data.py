@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-size", type=int, default=64, help="samples per shard (default: 64)")
     parser.add_argument("--batch-size", type=int, default=4, help="samples per pipeline call (default: 4)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="split the shards over N workers, each started with its own --worker (default: 1)")
+    parser.add_argument("--worker", type=int, default=0,
+                        help="which worker this is, 0..N-1: makes shards j with j mod N = worker; the worker that "
+                             "finds every shard finished publishes the set (default: 0)")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -61,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         device=args.device,
+        worker=args.worker,
+        workers=args.workers,
     )
     print(json.dumps(result, indent=1))
     return 0

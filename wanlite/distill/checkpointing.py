@@ -1,14 +1,30 @@
-"""Training checkpoints: FSDP2-aware DCP state, EMA, per-rank RNG, trainer state; published to the store.
+"""Training checkpoints: who writes, who uploads, who reads (`CheckpointManager`), plus the EMA they carry.
 
-A checkpoint is written by every rank into a local staging directory with
-`torch.distributed.checkpoint` (each rank writes only its own shards; the
-state dicts come from `get_state_dict`, so FSDP2's DTensors are saved sharded
-and can be loaded on another world size), plus one RNG file per rank and the
-trainer state (step, LR schedule, loss history, config fingerprint). Rank 0
-then uploads the directory with `Store.put_dir`, which writes the manifest
-LAST: a run killed mid-upload leaves no manifest and the checkpoint is simply
-not there for `--resume`. The staging directory must be visible to rank 0
-(node-local disk on one node; a shared volume across nodes).
+A checkpoint holds everything a step depends on: the model and optimizer
+state through `torch.distributed.checkpoint` (DCP; FSDP2's DTensors saved
+sharded, each rank writing only its own shards), the EMA, one RNG file per
+rank, and the trainer state (step, LR schedule, loss history, config
+fingerprint). In the store it is one flat folder,
+`runs/<run>/checkpoints/step-NNNNNNNN/`, published by its manifest.
+
+Write: every rank writes into its OWN staging folder,
+  `<staging root>/<run>/<launch>/rank-RRRRR/step-NNNNNNNN/`, on its own node's
+  disk; `<launch>` is unique per start of a job, so two launches (of one run
+  or of two) never share a folder.
+Upload: every rank uploads the files it wrote (its DCP shards and RNG state;
+  rank 0 also DCP's metadata and the trainer state), hashing as it streams;
+  then a barrier; then rank 0 writes the manifest listing every rank's files,
+  LAST. A job killed before that leaves no manifest and the checkpoint is not
+  there for `--resume`.
+Read: every rank downloads the whole checkpoint into its own folder, every
+  file's size and sha256 verified against the manifest, so ranks need share
+  no filesystem (and DCP may read any rank's shards). A checkpoint that fails
+  verification on any rank is quarantined (moved under `runs/<run>/quarantine/`
+  with the reason beside it) and the next older one is tried: a re-run
+  proceeds from the last good checkpoint and rewrites the damaged step.
+
+A checkpoint resumes only on the world size that wrote it: each rank restores
+its own RNG state, and the config fingerprint records the world size.
 """
 
 from __future__ import annotations
@@ -17,6 +33,9 @@ import json
 import logging
 import re
 import shutil
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +46,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from wanlite.storage import Store, join_key
+from wanlite.storage import FileEntry, Manifest, Store, StoreError, join_key
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+QUARANTINE_REASON = "_QUARANTINE_REASON.txt"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -61,22 +81,35 @@ def checkpoint_key(run_key: str, step: int) -> str:
     return join_key(run_key, "checkpoints", f"step-{step:08d}")
 
 
-def latest_checkpoint(store: Store, run_key: str) -> tuple[int, str] | None:
-    """(step, key) of the newest COMPLETE checkpoint of a run; half-written ones are skipped."""
+def checkpoint_steps(store: Store, run_key: str) -> list[int]:
+    """Steps that have a checkpoint folder (complete or not), newest first."""
     prefix = join_key(run_key, "checkpoints")
     if not store.exists(prefix):
-        return None
-    steps = set()
-    for key in store.list(prefix):
-        match = _STEP_DIR.match(key[len(prefix) + 1 :].split("/")[0])
-        if match:
-            steps.add(int(match.group(1)))
-    for step in sorted(steps, reverse=True):
-        key = checkpoint_key(run_key, step)
-        if store.read_manifest(key) is not None:
-            return step, key
-        log.warning("%s has no manifest (interrupted upload): skipped", store.uri(key))
+        return []
+    steps = {int(m.group(1)) for key in store.list(prefix) if (m := _STEP_DIR.match(key[len(prefix) + 1 :].split("/")[0]))}
+    return sorted(steps, reverse=True)
+
+
+def latest_checkpoint(store: Store, run_key: str) -> tuple[int, str] | None:
+    """(step, key) of the newest published checkpoint (a manifest with every file at its size), or None.
+
+    Cheap (a listing, no download, no hashing): what progress reporting and the
+    "already exists" check need. `CheckpointManager.restore` verifies contents.
+    """
+    for step in checkpoint_steps(store, run_key):
+        if store.read_manifest(checkpoint_key(run_key, step)) is not None:
+            return step, checkpoint_key(run_key, step)
     return None
+
+
+def read_trainer_state(store: Store, key: str) -> dict[str, Any]:
+    """The trainer state of a published checkpoint, read straight from the store (not verified)."""
+    return json.loads(store.get_bytes(join_key(key, TRAINER_STATE)))
+
+
+def new_launch_id() -> str:
+    """A name for one start of a job: the time (sortable, readable) and a random suffix (unique)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
 def _rng_file(rank: int) -> str:
@@ -98,64 +131,150 @@ def set_rng_state(noise: torch.Generator, state: dict[str, torch.Tensor]) -> Non
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(
-    *,
-    store: Store,
-    key: str,
-    staging: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: EMA,
-    noise: torch.Generator,
-    trainer_state: dict[str, Any],
-) -> None:
-    """Collective: every rank writes its shards and RNG; rank 0 publishes (manifest last)."""
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed attempt must not be uploaded
-        staging.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}, checkpoint_id=str(staging))
-    torch.save(rng_state(noise), staging / _rng_file(rank))
-    if rank == 0:
-        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
-    dist.barrier()
-    if rank == 0:
-        store.put_dir(staging, key, meta={"kind": "wanlite-checkpoint", "step": trainer_state["step"]}, progress=False)
-        shutil.rmtree(staging, ignore_errors=True)
-        log.info("checkpoint step %d -> %s", trainer_state["step"], store.uri(key))
-    dist.barrier()
+@dataclass(frozen=True)
+class Restored:
+    """A checkpoint every rank has downloaded and verified: its step, this rank's copy, its trainer state."""
+
+    step: int
+    key: str
+    directory: Path
+    trainer_state: dict[str, Any]
 
 
-def read_trainer_state(store: Store, key: str) -> dict[str, Any]:
-    return json.loads(store.get_bytes(join_key(key, TRAINER_STATE)))
+class CheckpointManager:
+    """A run's checkpoints in the store; every method is a collective (all ranks call it, in the same order).
+
+    `staging` is this launch's folder on this rank's node (see `staging_folder`).
+    """
+
+    def __init__(self, store: Store, run_key: str, staging: Path) -> None:
+        self.store, self.run_key = store, run_key
+        self.rank = dist.get_rank()
+        self.folder = staging / f"rank-{self.rank:05d}"
+
+    # --- write + upload ------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: EMA,
+        noise: torch.Generator,
+        trainer_state: dict[str, Any],
+    ) -> None:
+        """Every rank writes and uploads its files; rank 0 publishes the manifest listing all of them."""
+        key = checkpoint_key(self.run_key, step)
+        local = self.folder / f"step-{step:08d}"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()},
+                 storage_writer=dcp.FileSystemWriter(str(local)))  # fmt: skip
+        torch.save(rng_state(noise), local / _rng_file(self.rank))
+        if self.rank == 0:
+            (local / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+        mine = {}
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            rel = path.relative_to(local).as_posix()
+            with open(path, "rb") as fh:
+                mine[rel] = self.store.put_stream(join_key(key, rel), fh)
+        everyone: list[dict[str, FileEntry] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)  # also the barrier: every rank's files are in the store
+        if self.rank == 0:
+            files: dict[str, FileEntry] = {}
+            for rank, entries in enumerate(everyone):
+                clash = set(files) & set(entries or {})
+                if clash:
+                    raise StoreError(f"{self.store.uri(key)}: rank {rank} wrote {sorted(clash)[0]} too")
+                files.update(entries or {})
+            self.store.write_manifest(key, Manifest(files=files, meta={"kind": "wanlite-checkpoint", "step": step}))
+            log.info("checkpoint step %d -> %s (%d files from %d ranks)", step, self.store.uri(key), len(files),
+                     len(everyone))  # fmt: skip
+        shutil.rmtree(local, ignore_errors=True)
+        dist.barrier()  # nobody moves on (or exits) before the checkpoint is published
+
+    # --- read ----------------------------------------------------------------------------
+
+    def restore(self) -> Restored | None:
+        """Download and verify the newest good checkpoint on every rank; quarantine damaged ones on the way.
+
+        Returns None when the run has no usable checkpoint. Load it into the
+        models with `load`.
+        """
+        candidates: list[Any] = [None]
+        if self.rank == 0:  # one view of the store for every rank, so all take the same branches below
+            candidates[0] = [(step, *self.store.inspect(checkpoint_key(self.run_key, step))[::-1])
+                             for step in checkpoint_steps(self.store, self.run_key)]  # fmt: skip
+        dist.broadcast_object_list(candidates, src=0)
+        for step, why, manifest in candidates[0]:
+            key = checkpoint_key(self.run_key, step)
+            if manifest is None and why.startswith("no "):  # never published: not damaged, just absent
+                log.warning("%s: %s: skipped", self.store.uri(key), why)
+                continue
+            directory = self.folder / f"restore-step-{step:08d}"
+            shutil.rmtree(directory, ignore_errors=True)
+            if manifest is not None:
+                try:  # every file's size and sha256 checked against the manifest
+                    self.store.get_dir(key, directory, progress=False)
+                except StoreError as err:
+                    why = str(err)
+            problems: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, why)
+            damaged = "; ".join(sorted({p for p in problems if p}))
+            if damaged:
+                shutil.rmtree(directory, ignore_errors=True)
+                self._quarantine(key, damaged)
+                continue
+            return Restored(step, key, directory, json.loads((directory / TRAINER_STATE).read_text()))
+        return None
+
+    def _quarantine(self, key: str, reason: str) -> None:
+        """Move a damaged checkpoint aside (with the reason) so that step can be written again."""
+        if self.rank == 0:
+            target = join_key(self.run_key, "quarantine", f"{key.rsplit('/', 1)[-1]}-{new_launch_id()}")
+            log.warning("%s is damaged: %s; moved to %s, resuming from an older checkpoint", self.store.uri(key),
+                        reason, self.store.uri(target))  # fmt: skip
+            self.store.put_bytes(join_key(target, QUARANTINE_REASON), (reason + "\n").encode())
+            self.store.move(key, target)
+        dist.barrier()
+
+    def load(
+        self,
+        restored: Restored,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: EMA,
+        noise: torch.Generator,
+    ) -> None:
+        """Load a restored checkpoint into the (sharded) models, EMA and this rank's RNG; removes the copy."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(restored.directory)))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        with torch.no_grad():
+            for name, value in state["ema"].items():
+                if value is not ema.shadow[name]:
+                    ema.shadow[name].copy_(value)
+        rng_path = restored.directory / _rng_file(self.rank)
+        if not rng_path.is_file():
+            raise FileNotFoundError(f"{self.store.uri(restored.key)}: no RNG state for rank {self.rank}")
+        set_rng_state(noise, torch.load(rng_path, weights_only=True))
+        shutil.rmtree(restored.directory, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove this rank's staging folder (what a killed launch leaves behind is documented in the README)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.folder.parent.rmdir()  # the launch folder, once every rank on this node has left it
+        except OSError:
+            pass
 
 
-def load_checkpoint(
-    *,
-    store: Store,
-    key: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: EMA,
-    noise: torch.Generator,
-) -> dict[str, Any]:
-    """Collective: restore everything `save_checkpoint` wrote; returns the trainer state."""
-    rank = dist.get_rank()
-    where = [str(store.local_dir(key, progress=False)) if rank == 0 else None]
-    dist.broadcast_object_list(where, src=0)
-    directory = Path(where[0])
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
-    dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with torch.no_grad():
-        for name, value in state["ema"].items():
-            if value is not ema.shadow[name]:
-                ema.shadow[name].copy_(value)
-    rng_path = directory / _rng_file(rank)
-    if not rng_path.is_file():
-        raise FileNotFoundError(f"{rng_path}: no RNG state for rank {rank} in {store.uri(key)}")
-    set_rng_state(noise, torch.load(rng_path, weights_only=True))
-    return json.loads((directory / TRAINER_STATE).read_text())
+def staging_folder(root: Path, run_name: str) -> Path:
+    """This launch's staging folder under `root`: `<root>/<run>/<launch id>`, the id agreed by every rank."""
+    launch = [new_launch_id() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(launch, src=0)
+    return root / run_name / str(launch[0])

@@ -21,10 +21,20 @@ from wanlite.distill.options import TrainConfig, config_to_argv, default_run_nam
 log = logging.getLogger(__name__)
 
 
-def torchrun_command(cfg: TrainConfig, nproc: int) -> list[str]:
-    """`torchrun --standalone --nproc-per-node N -m wanlite.distill.train <flags>` with this interpreter."""
+def torchrun_command(cfg: TrainConfig, nproc: int, *, nnodes: int = 1, rendezvous: str | None = None) -> list[str]:
+    """`torchrun ... --nproc-per-node N -m wanlite.distill.train <flags>` with this interpreter.
+
+    One node: `--standalone`. Several: run this command once per node with the
+    same `rendezvous` (`host:port` of the c10d rendezvous store, which the
+    first node to arrive hosts) and `nnodes`.
+    """
+    if rendezvous is None:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
+                 f"--rdzv-id={cfg.run_name or 'wanlite'}"]  # fmt: skip
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
         "-m", "wanlite.distill.train", *config_to_argv(cfg),
     ]  # fmt: skip
 

@@ -10,6 +10,14 @@ seed (seed + i), so any shard can be regenerated alone with identical content.
 Work is split into shards, each published with its own manifest; a re-run
 (after a crash, or on another machine) skips finished shards. The set's
 manifest is written last and lists every shard's files.
+
+Fan-out: `workers=N` processes (N GPUs, N machines, N mapped Prefect tasks:
+any engine that starts the same call with `worker=0..N-1`) each make the
+shards j with j mod N = worker. A shard's content depends only on its sample
+ids, so N workers write byte for byte the set one worker writes. The worker
+that finds every shard finished writes the set's manifest; the others return
+`complete: False`. A killed worker's unfinished shards are made by re-running
+that worker; finished shards are never redone.
 """
 
 from __future__ import annotations
@@ -111,8 +119,14 @@ def teacher_data(
     batch_size: int = 4,
     device: str | None = None,
     progress: bool = True,
+    worker: int = 0,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Build (or finish) the latent set `data/<hash>/` in the store `out`; returns {uri, key, digest, ...}."""
+    """Build (or finish) the latent set `data/<hash>/` in the store `out`; returns {uri, key, digest, ...}.
+
+    With `workers` > 1 this call makes only the shards of `worker` (see the
+    module docstring); `complete` in the result says whether the set is published.
+    """
     from wanlite.storage import Manifest, Store, join_key
 
     if image_size % 16:
@@ -123,6 +137,8 @@ def teacher_data(
                         ("batch_size", batch_size)):  # fmt: skip
         if value <= 0:
             raise ValueError(f"{name}: expected a positive integer, found {value}")
+    if workers <= 0 or not 0 <= worker < workers:
+        raise ValueError(f"worker: expected 0 <= worker < workers (workers >= 1), found worker {worker} of {workers}")
     root = local_path(teacher)
     emb = EmbeddingSet.load(embeddings)
     enc_sha = encoder_sha256(root)
@@ -150,15 +166,17 @@ def teacher_data(
     existing = store.read_manifest(key)
     if existing is not None:
         log.info("teacher data already in %s: nothing to do", store.uri(key))
-        return {**result, "digest": existing.digest, "num_samples": existing.meta["num_samples"], "skipped": True}
+        return {**result, "digest": existing.digest, "num_samples": existing.meta["num_samples"], "skipped": True,
+                "complete": True}  # fmt: skip
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     jobs = _teacher_jobs(len(emb.prompts), samples_per_prompt, shard_size) if teacher_samples else []
     jobs += _image_jobs(pairs, shard_size)
+    mine = jobs[worker::workers]
     maker = _ShardMaker(root, emb, pairs, dev, image_size, sampler, batch_size)
-    with tqdm(total=sum(len(rows) for _, _, rows in jobs), desc="teacher data", unit="sample",
+    with tqdm(total=sum(len(rows) for _, _, rows in mine), desc="teacher data", unit="sample",
               disable=not progress) as bar:  # fmt: skip
-        for shard, source, rows in jobs:
+        for shard, source, rows in mine:
             shard_key = join_key(key, shard)
             if store.read_manifest(shard_key) is None:
                 with tempfile.TemporaryDirectory(prefix="wanlite-shard-") as tmp:
@@ -171,6 +189,10 @@ def teacher_data(
     files = {}
     for shard, _, _ in jobs:
         shard_manifest = store.read_manifest(join_key(key, shard))
+        if shard_manifest is None:  # another worker's, not finished yet: it publishes the set
+            log.info("worker %d of %d done; %s is not finished yet, so the set is not published", worker, workers,
+                     store.uri(join_key(key, shard)))  # fmt: skip
+            return {**result, "digest": None, "num_samples": None, "skipped": False, "complete": False}
         files.update({f"{shard}/{rel}": entry for rel, entry in shard_manifest.files.items()})
     meta = {
         "kind": LATENTS_KIND,
@@ -183,7 +205,8 @@ def teacher_data(
         **identity,
     }
     manifest = store.write_manifest(key, Manifest(files=files, meta=meta))
-    return {**result, "digest": manifest.digest, "num_samples": meta["num_samples"], "skipped": False}
+    return {**result, "digest": manifest.digest, "num_samples": meta["num_samples"], "skipped": False,
+            "complete": True}  # fmt: skip
 
 
 def _teacher_jobs(num_prompts: int, per_prompt: int, shard_size: int) -> list[tuple[str, str, list[int]]]:

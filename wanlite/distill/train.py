@@ -13,10 +13,12 @@ in-process (a one-rank process group is created). Each step:
   4. loss = velocity MSE [+ ground-truth flow term] [+ masked feature loss];
   5. AdamW, warmup + cosine LR, gradient clipping, EMA.
 
-The student is sharded with FSDP2 (`fully_shard` per block, then the model);
-the frozen teacher too when there is more than one rank. Checkpoints hold
-everything a step depends on (see `checkpointing`), so a killed run resumed
-with `--resume` ends exactly where an uninterrupted one would.
+Models are placed by `parallel`: the student under FSDP2 (per block), the
+frozen teacher built sharded from the rows each rank reads when there is more
+than one rank, HSDP when the job spans several nodes. Checkpoints are written,
+uploaded and read by `checkpointing.CheckpointManager`; they hold everything
+a step depends on, so a killed run resumed with `--resume` ends exactly where
+an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -39,13 +41,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from wanlite.config import ConfigError, get_preset
-from wanlite.distill import checkpointing, objective
+from wanlite.distill import checkpointing, objective, parallel
 from wanlite.distill.data import BatchOrder, EmbeddingSet, LatentSet
 from wanlite.distill.options import (
     TrainConfig,
@@ -77,6 +78,7 @@ class Dist:
 
     rank: int
     world_size: int
+    local_world_size: int
     device: torch.device
     owns_group: bool
 
@@ -99,14 +101,8 @@ def init_distributed() -> Dist:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size(), device, owns)
-
-
-def shard(model: nn.Module, blocks: nn.ModuleList, mesh: Any) -> None:
-    """FSDP2: each transformer block is one unit, the rest of the model the root unit."""
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_world_size, device, owns)
 
 
 def scalar(value: torch.Tensor) -> float:
@@ -152,8 +148,12 @@ def load_student(cfg: TrainConfig) -> nn.Module:
     return compact_text_padding(WanLiteStudent.from_arch(get_preset(cfg.preset).arch))
 
 
-def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(high, low) experts, frozen; bf16 on CUDA (the reader keeps diffusers' fp32 modules), fp32 on CPU."""
+def load_teacher(cfg: TrainConfig, device: torch.device, mesh: Any) -> tuple[nn.Module, nn.Module]:
+    """(high, low) experts, frozen and sharded over `mesh` (None: whole); bf16 on CUDA, fp32 on CPU.
+
+    Each rank reads only the rows it owns (`parallel.sharded_expert`); diffusers'
+    fp32 modules stay fp32.
+    """
     from wanlite.checkpoint.reader import TeacherReader
     from wanlite.pipeline import local_path
 
@@ -162,11 +162,9 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.
     if missing:
         raise ValueError(f"{cfg.teacher}: expected both experts, missing {', '.join(missing)}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    experts = []
-    for name in (HIGH_EXPERT, LOW_EXPERT):
-        model = compact_text_padding(reader.load_expert(name, dtype=dtype).to(device))
-        experts.append(model.eval().requires_grad_(False))
-    return experts[0], experts[1]
+    high, low = (compact_text_padding(parallel.sharded_expert(reader, name, mesh, device, dtype))
+                 for name in (HIGH_EXPERT, LOW_EXPERT))  # fmt: skip
+    return high, low
 
 
 def lr_lambda(cfg: TrainConfig) -> Any:
@@ -220,21 +218,34 @@ class _Run:
         self.fp = fingerprint(cfg, ctx.world_size, data.digest, emb.digest)
         self.run_name = cfg.run_name or default_run_name(cfg, self.fp)
         self.run_key = f"runs/{self.run_name}"
-        start = self._check_run_state(self.fp)
+        self._refuse_to_overwrite()
         finished = final_result(self.store, self.run_key)
-        if finished is not None:  # --resume of a run that already published its student
+        if finished is not None:  # --resume of a run that already published its student (by this config?)
+            latest = checkpointing.latest_checkpoint(self.store, self.run_key)
+            if latest is not None:
+                state = checkpointing.read_trainer_state(self.store, latest[1])
+                check_resumable(self.fp, state["fingerprint"], self.store.uri(latest[1]))
             log.info("run %s is already finished: %s", self.run_name, finished["student_uri"])
             return finished
+        ckpt = checkpointing.CheckpointManager(self.store, self.run_key,
+                                               checkpointing.staging_folder(self._staging_root(), self.run_name))
+        try:
+            return self._train(ckpt, data, emb, order)
+        finally:
+            ckpt.close()
 
+    def _train(
+        self, ckpt: checkpointing.CheckpointManager, data: LatentSet, emb: EmbeddingSet, order: BatchOrder
+    ) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        restored = self._restore(ckpt)
+        start = restored.step if restored else 0
         p = self._build()
         log_state: dict[str, Any] = {"history": {"step": [], "loss": []}, "metrics": {}, "mlflow_run_id": None}
-        if start:
-            state = checkpointing.load_checkpoint(
-                store=self.store, key=checkpointing.checkpoint_key(self.run_key, start),
-                model=p.model, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
-            )  # fmt: skip
-            p.scheduler.load_state_dict(state["scheduler"])
-            log_state = {k: state[k] for k in log_state}
+        if restored:
+            ckpt.load(restored, model=p.model, optimizer=p.optimizer, ema=p.ema, noise=p.noise)
+            p.scheduler.load_state_dict(restored.trainer_state["scheduler"])
+            log_state = {k: restored.trainer_state[k] for k in log_state}
             log.info("resumed %s from step %d", self.run_name, start)
 
         tracker = Tracker(ctx.is_main, cfg.mlflow_uri, cfg.experiment)
@@ -274,10 +285,8 @@ class _Run:
                 if grid is not None and (done % cfg.grid_every == 0 or done == cfg.steps):
                     grid.log(done)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    checkpointing.save_checkpoint(
-                        store=self.store, key=checkpointing.checkpoint_key(self.run_key, done),
-                        staging=self._staging() / f"step-{done:08d}",
-                        model=p.model, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
+                    ckpt.save(
+                        done, model=p.model, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
                         trainer_state={"step": done, "scheduler": p.scheduler.state_dict(), "fingerprint": self.fp,
                                        **log_state},
                     )  # fmt: skip
@@ -291,22 +300,19 @@ class _Run:
     def _build(self) -> _Parts:
         """Student (+ feature adapters) under FSDP2, the frozen teacher, optimizer, LR schedule, EMA, noise."""
         cfg, ctx = self.cfg, self.ctx
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        mesh = parallel.build_mesh(ctx.device.type, ctx.world_size, ctx.local_world_size, hsdp=cfg.hsdp)
         student = load_student(cfg).to(ctx.device)
         if cfg.grad_checkpointing:
             student.enable_gradient_checkpointing()
-        high, low = load_teacher(cfg, ctx.device)
+        high, low = load_teacher(cfg, ctx.device, mesh if ctx.world_size > 1 else None)
         s_layers = list(range(len(student.blocks))) if cfg.feature_weight else []
         t_layers = objective.map_layers(len(student.blocks), len(high.blocks)) if cfg.feature_weight else []
         torch.manual_seed(cfg.seed + 1)  # adapters: identical on every rank
         widths = [m.config.num_attention_heads * m.config.attention_head_dim for m in (student, high)]
         adapters = nn.ModuleList(nn.Linear(*widths, bias=False) for _ in s_layers).to(ctx.device)
-        shard(student, student.blocks, mesh)
+        parallel.shard_trained(student, student.blocks, mesh)
         for adapter in adapters:
             fully_shard(adapter, mesh=mesh)
-        if ctx.world_size > 1:  # the teacher is sharded too: 2 x 28.6 GB of bf16 experts need not fit one GPU
-            shard(high, high.blocks, mesh)
-            shard(low, low.blocks, mesh)
         model = Trainable(student, adapters)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         return _Parts(
@@ -326,25 +332,29 @@ class _Run:
 
     # --- pieces of execute ---------------------------------------------------------------
 
-    def _check_run_state(self, fp: dict[str, Any]) -> int:
-        """The step to start from: 0 for a new run, the latest complete checkpoint with --resume."""
-        latest = checkpointing.latest_checkpoint(self.store, self.run_key)
-        if latest is None:
-            if self.cfg.resume:
-                log.info("--resume: nothing to resume under %s yet; starting at step 0", self.store.uri(self.run_key))
-            return 0
-        step, key = latest
-        if not self.cfg.resume:
+    def _refuse_to_overwrite(self) -> None:
+        """Without --resume, a run that has written anything is an error (nothing is overwritten)."""
+        steps = checkpointing.checkpoint_steps(self.store, self.run_key)
+        if steps and not self.cfg.resume:
             raise ConfigError(
-                f"run {self.run_name}: {self.store.uri(key)} already exists; pass --resume to continue "
-                "(or to fetch the result of) that run, or choose another --run-name (nothing was overwritten)"
+                f"run {self.run_name}: {self.store.uri(checkpointing.checkpoint_key(self.run_key, steps[0]))} already "
+                "exists; pass --resume to continue (or to fetch the result of) that run, or choose another "
+                "--run-name (nothing was overwritten)"
             )
-        check_resumable(fp, checkpointing.read_trainer_state(self.store, key)["fingerprint"], self.store.uri(key))
-        return step
 
-    def _staging(self) -> Path:
-        root = Path(self.cfg.staging_dir) if self.cfg.staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
-        return root / self.run_name
+    def _restore(self, ckpt: checkpointing.CheckpointManager) -> checkpointing.Restored | None:
+        """The newest good checkpoint with --resume (verified on every rank, written by this config), else None."""
+        if not self.cfg.resume:
+            return None
+        restored = ckpt.restore()
+        if restored is None:
+            log.info("--resume: nothing to resume under %s yet; starting at step 0", self.store.uri(self.run_key))
+            return None
+        check_resumable(self.fp, restored.trainer_state["fingerprint"], self.store.uri(restored.key))
+        return restored
+
+    def _staging_root(self) -> Path:
+        return Path(self.cfg.staging_dir) if self.cfg.staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
 
     def _step(self, step: int, data: LatentSet, emb: EmbeddingSet, order: BatchOrder, p: _Parts) -> torch.Tensor:
         """Forward and backward of one step; returns this rank's loss sums for logging (all-reduced)."""
@@ -352,7 +362,7 @@ class _Run:
         sigma_all = objective.sample_sigmas(cfg.batch_size, shift=cfg.shift, generator=p.noise)
         eps_all = torch.randn((cfg.batch_size, *data.latent_shape), generator=p.noise)
         t_all = objective.to_timestep(sigma_all)
-        high_all = objective.routes_high(t_all)
+        run_high, run_low = parallel.experts_to_run(t_all, objective.routes_high)  # the whole batch decides
         mine = order.rank_slice(ctx.rank)
         rows = order.global_indices(step)[mine]
         x0 = data.take(rows).to(dev)
@@ -364,7 +374,7 @@ class _Run:
         with self.autocast:
             target = objective.teacher_targets(
                 *p.experts, x_t, t, context, negative,
-                run_high=bool(high_all.any()), run_low=bool((~high_all).any()), feature_layers=p.teacher_layers,
+                run_high=run_high, run_low=run_low, feature_layers=p.teacher_layers,
             )  # fmt: skip
             with objective.capture_blocks(p.student, p.student_layers) as s_feats:
                 v = objective.predict(p.student, x_t, t, context)
