@@ -334,24 +334,26 @@ def evaluate(
     num_prompts: int | None = None,
     sample_steps: int = 40,
     guided: bool = True,
+    baseline_uri: str | None = None,
 ) -> dict[str, Any]:
     """Velocity error, Fréchet distance and an image grid; raise StepError when the gate fails.
 
     `guided`: the student was distilled on CFG-guided targets, so it is compared with the guided teacher.
+    `baseline_uri`: the run's projected init, which the student must beat (as it must beat predicting zero).
     """
     from wanlite.evaluate import evaluate as run_evaluation
     from wanlite.evaluate import markdown_report
 
     st = _store(store)
     inputs = dict(student=student_uri, teacher=teacher_uri, prompts=prompts, n=num_prompts, steps=sample_steps,
-                  guided=guided)  # fmt: skip
+                  guided=guided, baseline=baseline_uri)  # fmt: skip
     key = f"evals/{input_key('evaluate', **inputs)}"
     result = _published(st, key)
     if result is None:
         with tempfile.TemporaryDirectory(prefix="wanlite-eval-") as tmp:
             report = run_evaluation(
                 student_uri, teacher_uri, out_dir=tmp, prompts=prompts, num_prompts=num_prompts,
-                steps=sample_steps, guided=guided,
+                steps=sample_steps, guided=guided, baseline=baseline_uri,
             )  # fmt: skip
             summary = {
                 "passed": report["passed"],
@@ -560,7 +562,7 @@ def wire(step: str, spec: RunSpec, out: Mapping[str, Mapping[str, Any]]) -> dict
     if step == "evaluate":
         return {"student_uri": student, "teacher_uri": teacher, "store": store, "prompts": spec.eval_prompts,
                 "num_prompts": spec.num_eval_prompts, "sample_steps": spec.sample_steps,
-                "guided": spec.guided}  # fmt: skip
+                "guided": spec.guided, "baseline_uri": out["project"]["uri"]}  # fmt: skip
     if step == "round-trip":
         return {"student_uri": student, "teacher_uri": teacher, "store": store}
     teacher_sha = out["fetch"]["teacher_sha256"]
