@@ -116,7 +116,8 @@ def test_reader_names_file_key_and_shapes_on_mismatch(planted_teacher, tmp_path)
 
 @pytest.mark.parametrize("method", ["importance", "uniform"])
 def test_same_shape_student_reproduces_the_teacher_exactly(planted_teacher, tmp_path, method):
-    report = project_student(planted_teacher, PROJ_TEACHER, out_dir=tmp_path / "s", method=method, calib_samples=2)
+    report = project_student(planted_teacher, PROJ_TEACHER, out_dir=tmp_path / "s", method=method, calib_samples=2,
+                            calib_random=True)
     assert report["totals"]["randomly_initialised"] == 0
     assert report["totals"]["from_teacher"] == report["totals"]["tensors"] == len(native_tensor_shapes(PROJ_TEACHER))
     student = WanLiteStudent.from_pretrained(tmp_path / "s")
@@ -170,7 +171,7 @@ def test_importance_beats_uniform_beats_random_init(tmp_path, seed):
 
 
 def test_importance_keeps_planted_massive_channels(planted_teacher, tmp_path):
-    report = project_student(planted_teacher, HALF_SHALLOW, out_dir=tmp_path / "s", calib_samples=2)
+    report = project_student(planted_teacher, HALF_SHALLOW, out_dir=tmp_path / "s", calib_samples=2, calib_random=True)
     bias = TeacherReader(planted_teacher).tensor(LOW, "patch_embedding.bias")
     planted = set(bias.topk(4).indices.tolist())  # the fixture's massive channels: a huge constant bias
     # the log-normal channel gains can push a few more past the 100x threshold; those count too
@@ -187,7 +188,7 @@ def test_importance_keeps_planted_massive_channels(planted_teacher, tmp_path):
 
 
 def test_depth_only_reduction_copies_the_chosen_blocks(planted_teacher, tmp_path):
-    report = project_student(planted_teacher, SHALLOW, out_dir=tmp_path / "s", calib_samples=2)
+    report = project_student(planted_teacher, SHALLOW, out_dir=tmp_path / "s", calib_samples=2, calib_random=True)
     assert report["selection"]["layers"] == [0, PROJ_TEACHER.num_layers - 1]
     reader = TeacherReader(planted_teacher)
     student = WanLiteStudent.from_pretrained(tmp_path / "s").state_dict()
@@ -305,7 +306,7 @@ def test_missing_expert_is_refused(tmp_path, expert):
 )
 def test_bad_calibration_data_is_refused(tmp_path, options, message):
     with pytest.raises(CalibrationError, match=message):
-        project_student(stub_teacher(tmp_path / "teacher"), HALF, out_dir=tmp_path / "out", **options)
+        project_student(stub_teacher(tmp_path / "teacher"), HALF, out_dir=tmp_path / "out", calib_random=True, **options)
 
 
 @pytest.mark.parametrize(("option", "message"), [({"method": "svd"}, "method: expected one of importance, uniform"),
@@ -337,6 +338,9 @@ def test_output_holding_another_student_is_refused(planted_teacher, tmp_path):
 def test_cli_projects_the_tiny_preset_into_the_store(tiny_teacher, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANLITE_STORE", f"file://{tmp_path / 'store'}")
     args = ["project", "--teacher", str(tiny_teacher), "--preset", "tiny", "--calib-samples", "2"]
+    assert cli_main(args) == 2, "importance without calibration data: refused unless random inputs are asked for"
+    assert "expected the pipeline's own data" in capsys.readouterr().err
+    args.append("--calib-random")
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     uri = printed.split("student: ")[1].split()[0]

@@ -50,8 +50,9 @@ SYNTHETIC_PREFIX = "synthetic:"
 """`teacher="synthetic:tiny"`: synthesise the tiny teacher (seed 0) instead of fetching one."""
 
 Progress = Callable[[int, int], None]
-CALIB_SAMPLES = 8
-"""Teacher samples (x0 + their prompts) that rank channels, heads and neurons for the projection."""
+CALIB_SAMPLES, CALIB_TIMESTEPS = 32, 4
+"""Teacher samples (x0 + their prompts) that rank channels, heads and neurons for the projection, and noise
+levels per sample (stratified over the shifted schedule, so both experts' ranges are covered)."""
 
 
 class StepError(RuntimeError):
@@ -257,7 +258,7 @@ def project(
 
     st = _store(store)
     inputs = dict(teacher=teacher_uri, data=data_uri, embeddings=embeddings_uri, preset=preset, method=method,
-                  expert=expert, seed=seed, calib_samples=CALIB_SAMPLES)  # fmt: skip
+                  expert=expert, seed=seed, calib_samples=CALIB_SAMPLES, calib_timesteps=CALIB_TIMESTEPS)  # fmt: skip
     key = f"students/{input_key('project', **inputs)}/init"
     result = _published(st, key)
     if result is not None:
@@ -273,6 +274,7 @@ def project(
             expert=expert,
             seed=seed,
             calib_samples=n,
+            timesteps_per_sample=CALIB_TIMESTEPS,
             calib_latents=data.latents[:n, :, 0],
             calib_context=emb.context(data.prompt_index[:n]),
         )
