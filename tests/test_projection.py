@@ -184,6 +184,66 @@ def test_importance_keeps_planted_massive_channels(planted_teacher, tmp_path):
     assert "**0 randomly initialised**" in md and "blocks.1.ffn.2.weight" in md
 
 
+def _site_inputs(model, latents, timesteps, context) -> dict[str, torch.Tensor]:
+    """What block 0's self-attn, cross-attn and FFN, and the head's projection, receive."""
+    captured: dict[str, torch.Tensor] = {}
+    block = model.blocks[0]
+    sites = {"norm1": block.attn1, "norm3": block.attn2, "norm2": block.ffn, "head": model.proj_out}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, k=k: captured.__setitem__(k, a[0].float())) for k, m in sites.items()]
+    with torch.no_grad():
+        model(latents.unsqueeze(2), timesteps, context)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def _scale_vs_teacher(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Least-squares k in student ~ k * teacher: 1.0 when the student sees the teacher's values."""
+    return float((student * teacher).sum() / teacher.pow(2).sum())
+
+
+@pytest.mark.slow
+def test_norm_ratios_restore_the_teachers_block_inputs_with_massive_channels_kept(planted_teacher, tmp_path):
+    """With the massive channels kept, a LayerNorm over the kept channels divides by a larger sigma: the
+    student's block inputs came out at about half the teacher's. The folded ratio brings them back to 1x."""
+    latents, timesteps, context = (t[2:] for t in held_out_inputs(0))  # low-noise timesteps: the seeding expert
+    teacher = _site_inputs(TeacherReader(planted_teacher).load_expert(LOW), latents, timesteps, context)
+    scales = {}
+    for fix in (True, False):
+        out = tmp_path / f"fix-{fix}"
+        report = project_student(planted_teacher, HALF, out_dir=out, calib_samples=4, calib_random=True,
+                                 norm_ratios=fix)  # fmt: skip
+        assert report["fixes"]["norm_ratios"] is fix
+        kept = torch.tensor(report["selection"]["channel_indices"])
+        student = _site_inputs(WanLiteStudent.from_pretrained(out), latents, timesteps, context)
+        scales[fix] = {k: _scale_vs_teacher(student[k], teacher[k][..., kept]) for k in ("norm1", "head")}
+    ratios = report_with_fix = json.loads((tmp_path / "fix-True" / REPORT_JSON).read_text())["norm_ratios"]
+    assert all(r > 1.3 for r in ratios["blocks"]["norm1"]) and ratios["head"] > 1.3, ratios
+    assert "norm ratio" in (tmp_path / "fix-True" / "projection_report.md").read_text()
+    assert report_with_fix["blocks"]["norm3"] and report["norm_ratios"] is None
+    # block 0's input is exactly the teacher's kept channels, so its first LayerNorm is compared exactly;
+    # the head sees the residual after every (approximated) block, so it gets a looser bound
+    assert 0.95 < scales[True]["norm1"] < 1.05 and scales[False]["norm1"] < 0.8, scales
+    assert abs(scales[True]["head"] - 1) < abs(scales[False]["head"] - 1), scales
+
+
+@pytest.mark.slow
+def test_embedding_hidden_units_are_ranked_by_their_own_activations(planted_teacher, tmp_path):
+    """The fixture makes half of each embedding MLP's hidden units matter (x3) and half not (x0.2), at random
+    positions unrelated to the residual channels; the student keeps half, so it must keep the big ones (all of
+    them for the text MLP; for the time MLP a big unit whose activation stays near zero on the calibration
+    timesteps may rightly lose to a small busy one). The residual channel set keeps about half of them."""
+    reader = TeacherReader(planted_teacher)
+    for fix in (True, False):
+        report = project_student(planted_teacher, HALF, out_dir=tmp_path / f"fix-{fix}", calib_samples=2,
+                                 calib_random=True, rank_embedding_units=fix)  # fmt: skip
+        for mlp in ("text_embedding", "time_embedding"):
+            big = reader.tensor(LOW, f"{mlp}.2.weight").norm(dim=0).topk(HALF.dim).indices.sort().values.tolist()
+            kept = report["selection"]["embedding_units"][mlp]
+            overlap = len(set(kept) & set(big)) / len(big)
+            assert (overlap >= (1.0 if mlp == "text_embedding" else 0.9)) if fix else overlap < 0.7, (mlp, fix, overlap)
+
+
 # --- (c) depth only: exactly the chosen blocks ------------------------------------------
 
 

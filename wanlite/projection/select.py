@@ -58,12 +58,14 @@ class Selection:
             "depth": "uniform: first and last block kept, the rest evenly spaced",
             "layers": list(self.layers),
             "channels": len(self.channels),
+            "channel_indices": self.channels.tolist(),
             "outlier_channels": list(self.outliers),
             "heads": {a: [list(h) for h in hs] for a, hs in self.heads.items()},
             "neurons_per_layer": [len(n) for n in self.neurons],
             "qk_scale": {k: list(v) for k, v in self.qk_scale.items()},
             "embedding_hidden_units": "the residual channel set" if self.embedding_units is None
             else "ranked by their own activations (energy written through the MLP's second layer)",
+            "embedding_units": {k: self.embedding_hidden(k).tolist() for k in ("text_embedding", "time_embedding")},
         }  # fmt: skip
 
 
