@@ -190,7 +190,8 @@ def test_non_finite_metrics_are_an_error_and_no_report(tiny_teacher: Path, tmp_p
     with torch.no_grad():
         model.proj_out.bias.fill_(float("nan"))
     model.save_pretrained(tmp_path / "nan")
-    args = ["evaluate", "--student", str(tmp_path / "nan"), "--teacher", str(tiny_teacher), "--out", str(tmp_path / "o")]
+    args = ["evaluate", "--student", str(tmp_path / "nan"), "--teacher", str(tiny_teacher)]
+    args += ["--out", str(tmp_path / "o")]
     assert cli.main(args + FAST_GRID) != 0
     assert not (tmp_path / "o" / "evaluation.json").exists()
     with pytest.raises(EvaluationError, match="expected finite"):

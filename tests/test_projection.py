@@ -189,7 +189,9 @@ def _site_inputs(model, latents, timesteps, context) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
     block = model.blocks[0]
     sites = {"norm1": block.attn1, "norm3": block.attn2, "norm2": block.ffn, "head": model.proj_out}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, k=k: captured.__setitem__(k, a[0].float())) for k, m in sites.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, k=k: captured.__setitem__(k, a[0].float())) for k, m in sites.items()
+    ]
     with torch.no_grad():
         model(latents.unsqueeze(2), timesteps, context)
     for hook in hooks:
@@ -366,7 +368,9 @@ def test_missing_expert_is_refused(tmp_path, expert):
 )
 def test_bad_calibration_data_is_refused(tmp_path, options, message):
     with pytest.raises(CalibrationError, match=message):
-        project_student(stub_teacher(tmp_path / "teacher"), HALF, out_dir=tmp_path / "out", calib_random=True, **options)
+        project_student(
+            stub_teacher(tmp_path / "teacher"), HALF, out_dir=tmp_path / "out", calib_random=True, **options
+        )
 
 
 @pytest.mark.parametrize(("option", "message"), [({"method": "svd"}, "method: expected one of importance, uniform"),

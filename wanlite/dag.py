@@ -125,16 +125,18 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     # short distillation. It proves the wiring, not the quality.
     "tiny": {
         # Blending both experts gives the tiny student a start in both noise
-        # ranges, so a couple dozen steps clear the evaluation gate in each.
+        # ranges. The gate asks it to beat predicting zero and its projected
+        # init by 10 % in each: 24 steps reached 0.93 of zero's error on the
+        # low-noise range (fail), 72 steps 0.74 (measured on the synthetic teacher).
         "num_prompts": 8,
         "num_eval_prompts": 1,
         "sample_steps": 4,
         "projection_expert": "mix",
-        "steps": 24,
+        "steps": 64,
         "batch_size": 4,
         "lr": 1e-3,
         "warmup_steps": 2,
-        "checkpoint_every": 8,
+        "checkpoint_every": 16,
         "ema_decay": 0.0,
     },
     # The production run: every prompt, the teacher's own 40-step sampler, 20k steps of batch 64.

@@ -365,7 +365,9 @@ def _report(
     metrics["frechet_latent"] = quality["frechet_latent"]
     metrics.update({k: v["value"] for k, v in quality.items() if isinstance(v, dict) and "value" in v})
     baselines = {
-        name: {f"velocity_rel_mse_{r}": v for r, v in _ranges(s).items()} for name, s in stats.items() if name != STUDENT
+        name: {f"velocity_rel_mse_{r}": v for r, v in _ranges(s).items()}
+        for name, s in stats.items()
+        if name != STUDENT
     }
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     bad += [f"{b}.{k}" for b, m in baselines.items() for k, v in m.items() if not math.isfinite(v)]
@@ -414,7 +416,9 @@ def sample_quality(
     for name, lat in (("teacher", teacher), ("student", student)):
         if not torch.isfinite(lat).all():
             raise EvaluationError(f"{name} samples: expected finite latents, found NaN/inf (a diverged model?)")
-    fd = frechet_distance(*gaussian_stats(latent_pixel_features(student)), *gaussian_stats(latent_pixel_features(teacher)))
+    fd = frechet_distance(
+        *gaussian_stats(latent_pixel_features(student)), *gaussian_stats(latent_pixel_features(teacher))
+    )
     t_img = torch.stack([t for _, _, t, _ in rows]).clamp(0, 1)
     s_img = torch.stack([s for _, _, _, s in rows]).clamp(0, 1)
     return {
@@ -471,14 +475,11 @@ def image_grid(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad: int = 2) 
 def markdown_report(report: dict[str, Any]) -> str:
     gate = report["gate"]
     verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(gate["failures"])
-    baseline_rows = [
-        f"| {name} predictor | " + " | ".join(f"{m.get(f'velocity_rel_mse_{r}', math.nan):.4g}" for r in ("high", "low"))
-        + " |"
-        for name, m in gate["baselines"].items()
+    rows = {"student": report["metrics"], **{f"{name} predictor": m for name, m in gate["baselines"].items()}}
+    table = [
+        f"| {name} | " + " | ".join(f"{m.get(f'velocity_rel_mse_{r}', math.nan):.4g}" for r in ("high", "low")) + " |"
+        for name, m in rows.items()
     ]
-    student_row = "| student | " + " | ".join(
-        f"{report['metrics'].get(f'velocity_rel_mse_{r}', math.nan):.4g}" for r in ("high", "low")
-    ) + " |"
     quality = [
         f"- {name}: " + (f"{v['value']:.4g}" if "value" in v else f"not computed ({v['not_computed']})")
         for name, v in report.get("sample_quality", {}).items()
@@ -490,8 +491,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         "| predictor | velocity rel. MSE, high-noise range | low-noise range |",
         "|---|---|---|",
-        student_row,
-        *baseline_rows,
+        *table,
         "",
         f"Score (mean velocity rel. MSE, lower is better): **{report['score']:.4g}**",
         "",

@@ -287,9 +287,12 @@ def _create_version(
 def eval_settings(report: Mapping[str, Any]) -> dict[str, str | None]:
     """{setting: sha256 prefix of its JSON value} for the settings that make scores comparable (None: absent)."""
     return {
-        key: hashlib.sha256(json.dumps(report[key], sort_keys=True).encode()).hexdigest()[:16] if key in report else None
-        for key in COMPARABLE_SETTINGS
+        key: _digest(report[key]) if key in report else None for key in COMPARABLE_SETTINGS
     }
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def incomparable(mine: Mapping[str, str | None], theirs: Mapping[str, str | None] | None) -> str | None:

@@ -26,7 +26,10 @@ pooled per unit: A14B's experts are fine-tunes of one base, so head h or neuron
 n is the same unit in both, whichever expert seeds the weights. Each expert is
 put on the device once per pass, read one tensor at a time
 (`TeacherReader.device_expert`: host memory bounded by the largest tensor), and
-every batch it serves runs on it.
+every batch it serves runs on it. The exception is a CPU run on an expert
+larger than `HOST_RESIDENT_BYTES`: holding it would break the projection's
+host-memory bound, so it is streamed (re-read per batch) instead, and the
+report says so.
 """
 
 from __future__ import annotations
@@ -45,6 +48,19 @@ from wanlite.config import BOUNDARY_RATIO, EXPERTS, NUM_TRAIN_TIMESTEPS, SAMPLE_
 log = logging.getLogger(__name__)
 
 HIGH, LOW = EXPERTS
+
+HOST_RESIDENT_BYTES = 2 * 2**30
+"""On a CPU, an expert up to 2 GiB (in the calibration dtype) is loaded once; a larger one is streamed."""
+
+
+def expert_for_pass(
+    reader: TeacherReader, expert: str, dtype: torch.dtype, device: str | torch.device
+) -> tuple[nn.Module, str]:
+    """The expert to run a calibration pass on, and how it is held ("resident" or "streamed")."""
+    size = reader.arch.num_params() * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type == "cpu" and size > HOST_RESIDENT_BYTES:
+        return reader.streaming_expert(expert, dtype=dtype, device=device), "streamed"
+    return reader.device_expert(expert, dtype=dtype, device=device), "resident"
 
 
 class CalibrationError(ValueError):
@@ -174,6 +190,7 @@ class Statistics:
     embedding_energy: dict[str, torch.Tensor]  # "text_embedding"/"time_embedding" -> [d] per hidden unit
     tokens: int = 0
     inputs_per_expert: dict[str, int] = field(default_factory=dict)
+    loading: dict[str, str] = field(default_factory=dict)  # expert -> "resident" (read once) or "streamed"
 
     @classmethod
     def zeros(cls, arch: WanArch) -> Statistics:
@@ -213,13 +230,13 @@ def collect_statistics(
 ) -> Statistics:
     """Run every calibration input through its expert and accumulate `Statistics`.
 
-    Each expert is loaded onto `device` once; `batch_size` bounds activation memory.
+    Each expert is loaded onto `device` once (see `expert_for_pass`); `batch_size` bounds activation memory.
     """
     stats = Statistics.zeros(reader.arch)
     routes = route(calib.timesteps, reader.expert_names)
     for expert, rows in routes.items():
         stats.inputs_per_expert[expert] = int(rows.numel())
-        model = reader.device_expert(expert, dtype=dtype, device=device)
+        model, stats.loading[expert] = expert_for_pass(reader, expert, dtype, device)
         handles = _attach(model, stats)
         for i in tqdm(range(0, rows.numel(), batch_size), desc=f"calibration ({expert})", unit="batch", leave=False):
             x, t, ctx = calib.inputs(rows[i : i + batch_size])
@@ -273,7 +290,7 @@ def collect_norm_ratios(
     """Second calibration pass: sigma_kept / sigma_all at the kept blocks' LayerNorm inputs and the head's."""
     eps = reader.arch.eps
     sums = {n: torch.zeros(len(layers), dtype=torch.float64) for n in NORM_SITES}
-    head, temb_sum, count, tokens = torch.zeros((), dtype=torch.float64), 0.0, 0, 0
+    head, count, tokens = torch.zeros((), dtype=torch.float64), 0, 0
     kept = channels.to(device)
 
     def ratio_sum(x: torch.Tensor) -> torch.Tensor:
@@ -282,26 +299,25 @@ def collect_norm_ratios(
         sigma_kept = (x[..., kept].var(-1, unbiased=False) + eps).sqrt()
         return (sigma_kept / sigma_all).double().sum().cpu()
 
+    temb_sum = torch.zeros(reader.arch.dim, dtype=torch.float64)
+
+    def on_input(module: nn.Module, add) -> torch.utils.hooks.RemovableHandle:
+        def pre(_module: nn.Module, args: tuple) -> None:  # must return None: a value would replace the input
+            add(ratio_sum(args[0]))
+
+        return module.register_forward_pre_hook(pre)
+
+    def keep_temb(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        temb_sum.add_(out.detach().float().sum(0).double().cpu())
+
     for expert, rows in route(calib.timesteps, reader.expert_names).items():
-        model = reader.device_expert(expert, dtype=dtype, device=device)
-        handles = []
-
-        def on_input(module: nn.Module, add) -> None:  # a pre-hook must return None, or it replaces the input
-            def pre(_module: nn.Module, args: tuple) -> None:
-                add(ratio_sum(args[0]))
-
-            handles.append(module.register_forward_pre_hook(pre))
-
-        for j, layer in enumerate(layers):
-            for name in NORM_SITES:
-                norm = getattr(model.blocks[layer], _DIFFUSERS_NORM[name])
-                on_input(norm, lambda value, row=sums[name][j : j + 1]: row.add_(value))
-        on_input(model.norm_out, lambda value: head.add_(value))
-        temb: list[torch.Tensor] = []
-
-        def keep_temb(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            temb.append(out.detach().float().sum(0).double().cpu())
-
+        model, _ = expert_for_pass(reader, expert, dtype, device)
+        handles = [
+            on_input(getattr(model.blocks[layer], _DIFFUSERS_NORM[name]), sums[name][j : j + 1].add_)
+            for j, layer in enumerate(layers)
+            for name in NORM_SITES
+        ]
+        handles.append(on_input(model.norm_out, head.add_))
         handles.append(model.condition_embedder.time_embedder.register_forward_hook(keep_temb))
         for i in range(0, rows.numel(), batch_size):
             x, t, ctx = calib.inputs(rows[i : i + batch_size])
@@ -309,7 +325,6 @@ def collect_norm_ratios(
                 model(x.to(device, dtype), t.to(device), ctx.to(device, dtype), return_dict=False)
             tokens += x.shape[0] * (x.shape[3] // 2) * (x.shape[4] // 2)
             count += x.shape[0]
-        temb_sum = temb_sum + torch.stack(temb).sum(0)
         for handle in handles:
             handle.remove()
         del model

@@ -160,6 +160,7 @@ def run_projection(
             "latent_shape": list(job.calib.latents.shape[1:]),
             "timesteps": [round(float(t), 3) for t in job.calib.timesteps],
             "inputs_per_expert": stats.inputs_per_expert,
+            "expert_loading": stats.loading,
             "tokens": stats.tokens,
             "sha256": job.calib.digest(),
         }
@@ -501,6 +502,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"- depth: {sel['depth']}; teacher blocks {sel['layers']}",
         f"- residual channels kept: {sel['channels']} (massive-activation channels kept: {sel['outlier_channels']})",
         f"- calibration: {_calibration_line(report['calibration'])}",
+        *_fixes_lines(report),
         f"- totals: {tot['tensors']} tensors, {tot['parameters']:,} parameters, {tot['from_teacher']} from the "
         f"teacher, {tot['rescaled']} rescaled, **{tot['randomly_initialised']} randomly initialised**",
         f"- wall time: {report['wall_s']} s; peak RSS: {report['peak_rss_mb']} MB",
@@ -519,5 +521,16 @@ def _calibration_line(calibration: dict[str, Any] | None) -> str:
     return (
         f"{calibration['samples']} samples ({calibration['source']}) x "
         f"{calibration['inputs'] // calibration['samples']} timesteps, per expert "
-        f"{calibration['inputs_per_expert']}, sha256 {calibration['sha256'][:16]}"
+        f"{calibration['inputs_per_expert']}, experts {calibration.get('expert_loading')}, "
+        f"sha256 {calibration['sha256'][:16]}"
     )
+
+
+def _fixes_lines(report: dict[str, Any]) -> list[str]:
+    fixes, ratios = report.get("fixes", {}), report.get("norm_ratios")
+    lines = ["- fixes: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in fixes.items())]
+    if ratios is not None:
+        blocks = "; ".join(f"{k} {[round(r, 4) for r in v]}" for k, v in ratios["blocks"].items())
+        lines.append(f"- LayerNorm sigma_kept/sigma_all per student block: {blocks}; head {ratios['head']:.4f} "
+                     f"({ratios['tokens']} calibration tokens)")  # fmt: skip
+    return lines
