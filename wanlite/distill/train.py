@@ -115,12 +115,14 @@ def scalar(value: torch.Tensor) -> float:
 
 
 class Trainable(nn.Module):
-    """What the optimizer updates: the student, plus the feature-loss adapters (never shipped)."""
+    """What the optimizer updates and checkpoints hold: the student (under `student.`).
 
-    def __init__(self, student: nn.Module, adapters: nn.ModuleList) -> None:
+    The feature loss compares on the projection's kept channels, so nothing else is trained.
+    """
+
+    def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.student = student
-        self.adapters = adapters
 
 
 @dataclass
@@ -303,7 +305,7 @@ class _Run:
             tracker.finish(status)
 
     def _build(self) -> _Parts:
-        """Student (+ feature adapters) under FSDP2, the frozen teacher, optimizer, LR schedule, EMA, noise."""
+        """Student under FSDP2, the frozen teacher (+ the feature map), optimizer, LR schedule, EMA, noise."""
         cfg, ctx = self.cfg, self.ctx
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         student = load_student(cfg).to(ctx.device)
@@ -312,12 +314,11 @@ class _Run:
         high, low = load_teacher(cfg, ctx.device)
         features = feature_map(cfg, len(student.blocks), high) if cfg.feature_weight else None
         s_layers = list(range(len(student.blocks))) if features else []
-        adapters = nn.ModuleList()  # features are compared on the kept channels: nothing to learn
         shard(student, student.blocks, mesh)
         if ctx.world_size > 1:  # the teacher is sharded too: 2 x 28.6 GB of bf16 experts need not fit one GPU
             shard(high, high.blocks, mesh)
             shard(low, low.blocks, mesh)
-        model = Trainable(student, adapters)
+        model = Trainable(student)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         return _Parts(
             student=student,
