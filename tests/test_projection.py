@@ -429,6 +429,27 @@ def test_cli_projects_the_tiny_preset_into_the_store(tiny_teacher, tmp_path, mon
     assert "calibration latents: expected [N, 16, h, w]" in capsys.readouterr().err
 
 
+def test_calibration_reads_each_expert_once_per_pass_not_once_per_batch(planted_teacher, monkeypatch):
+    reader = TeacherReader(planted_teacher)
+    reads: list[str] = []
+    tensor = TeacherReader.tensor
+    monkeypatch.setattr(TeacherReader, "tensor", lambda self, e, n: reads.append(n) or tensor(self, e, n))
+    calib = build_calibration_set(reader.arch, num_samples=3, latent_size=8, timesteps_per_sample=2, seed=0)
+    stats = collect_statistics(reader, calib, batch_size=1)  # 6 batches over the two experts
+    assert stats.loading == {HIGH: "resident", LOW: "resident"}
+    assert len(reads) == 2 * len(native_tensor_shapes(PROJ_TEACHER)), "every tensor once per expert"
+
+
+@pytest.mark.slow
+def test_cli_calibrates_on_the_pipelines_own_data(tiny_teacher, tiny_latents, tiny_embeddings, tmp_path, capsys):
+    args = ["project", "--teacher", str(tiny_teacher), "--data", tiny_latents["uri"], "--out", str(tmp_path / "s")]
+    assert cli_main(args) == 2 and "give --data with --embeddings" in capsys.readouterr().err
+    assert cli_main([*args, "--embeddings", tiny_embeddings["uri"], "--calib-samples", "2"]) == 0
+    report = json.loads((tmp_path / "s" / REPORT_JSON).read_text())
+    assert report["calibration"]["source"] == "given latents, given context" and report["calibration"]["samples"] == 2
+    assert report["fixes"] == {"norm_ratios": True, "rank_embedding_units": True} and report["norm_ratios"]["tokens"]
+
+
 # --- the statistics and selection rules, on their own -----------------------------------
 
 
