@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from PIL import Image
 
 from wanlite import cli
@@ -16,8 +17,6 @@ from wanlite.checkpoint.reader import TeacherReader
 from wanlite.config import ConfigError
 from wanlite.evaluate import EvaluationError, evaluate, frechet_distance, gaussian_stats
 from wanlite.prompts import PromptError
-import torch
-
 from tests.fixtures.ship import SHIP_MARGIN, Shipped, make_student
 
 
