@@ -102,7 +102,7 @@ def child(mode: str, teacher: Path, layers: int, out: Path) -> dict:
         result = {"bytes_read": nbytes}
     else:
         report = project_student(
-            teacher, student, out_dir=out, method=mode, calib_samples=2, image_size=64, device="cpu",
+            teacher, student, out_dir=out, method=mode, calib_samples=2, calib_random=True, image_size=64, device="cpu",
             dtype=torch.float32,
         )
         result = {"totals": report["totals"], "calibration_inputs": (report["calibration"] or {}).get("inputs")}

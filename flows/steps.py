@@ -191,6 +191,7 @@ def evaluate_flow(
     num_prompts: int | None,
     sample_steps: int,
     guided: bool,
+    baseline_uri: str | None = None,
 ) -> dict[str, Any]:
     """Student vs teacher on held-out prompts: metrics table, image grid link, Markdown report."""
     try:
@@ -202,6 +203,7 @@ def evaluate_flow(
             num_prompts=num_prompts,
             sample_steps=sample_steps,
             guided=guided,
+            baseline_uri=baseline_uri,
         )
     except dag.StepError as err:
         markdown(err.result, "evaluation-report", f"FAILED gate: {student_uri}")

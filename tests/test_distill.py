@@ -110,12 +110,24 @@ def test_a_teacher_equal_to_the_student_starts_at_zero_loss(
     assert first_loss < 1e-10
 
 
-def test_every_loss_term_runs_under_fsdp_with_gradient_checkpointing(tiny_train_base: Any, tmp_path: Path) -> None:
+def test_every_loss_term_runs_under_fsdp_with_gradient_checkpointing(
+    tiny_train_base: Any, tiny_projected_init: Path, tmp_path: Path
+) -> None:
     cfg = run_config(tiny_train_base, tmp_path, steps=1, checkpoint_every=1, gt_weight=0.1, feature_weight=0.5,
-                     grad_checkpointing=True)  # fmt: skip
+                     grad_checkpointing=True, cfg=False, init=str(tiny_projected_init))  # fmt: skip
     m = distill(cfg)["metrics"]
     assert m["loss_feature"] > 0 and m["loss_gt"] > 0
     assert m["loss"] == pytest.approx(0.9 * m["loss_kd"] + 0.1 * m["loss_gt"] + 0.5 * m["loss_feature"], rel=1e-5)
+
+
+def test_loss_terms_that_do_not_line_up_are_refused(tiny_train_base: Any, tmp_path: Path) -> None:
+    """The ground-truth term is the unguided velocity: mixed into a guided (CFG-folded) objective it pulls the
+    student between two targets. Feature KD needs the projection's block and channel map, which a random init
+    does not have (and an init without a projection report does not say)."""
+    with pytest.raises(ConfigError, match=r"gt_weight: 0.1 with guided targets \(cfg\)"):
+        distill(run_config(tiny_train_base, tmp_path, gt_weight=0.1, cfg=True))
+    with pytest.raises(ConfigError, match="feature_weight: expected --init, a projected student"):
+        distill(run_config(tiny_train_base, tmp_path, feature_weight=0.5))
 
 
 @pytest.mark.slow

@@ -165,22 +165,58 @@ def test_distilling_the_optimal_velocity_equals_flow_matching_up_to_a_constant()
 
 def test_feature_loss_is_zero_at_match_scale_free_and_ignores_massive_activations() -> None:
     g = torch.Generator().manual_seed(6)
-    teacher = [torch.randn(2, 16, 32, generator=g) for _ in range(2)]
-    identity = [torch.nn.Identity(), torch.nn.Identity()]
-    assert float(objective.feature_loss(teacher, teacher, identity, mask_k=4.0)) == 0.0
-    student = [t + 0.1 * torch.randn(t.shape, generator=g) for t in teacher]
-    base = float(objective.feature_loss(student, teacher, identity, mask_k=4.0))
-    scaled = float(objective.feature_loss([10 * s for s in student], [10 * t for t in teacher], identity, 4.0))
+    channels = torch.tensor([1, 4, 5, 9] + list(range(12, 40)))  # the student's 32 channels of the teacher's 48
+    teacher = [torch.randn(2, 16, 48, generator=g) for _ in range(2)]
+    matched = [t[..., channels] for t in teacher]
+    assert float(objective.feature_loss(matched, teacher, channels, mask_k=4.0)) == 0.0
+    student = [t + 0.1 * torch.randn(t.shape, generator=g) for t in matched]
+    base = float(objective.feature_loss(student, teacher, channels, mask_k=4.0))
+    scaled = float(objective.feature_loss([10 * s for s in student], [10 * t for t in teacher], channels, 4.0))
     assert scaled == pytest.approx(base, rel=1e-5)
     spiked = [t.clone() for t in teacher]
-    spiked[0][0, 0, 0] = 1e4  # a "massive activation" the student does not reproduce
-    assert float(objective.feature_loss(student, spiked, identity, mask_k=4.0)) == pytest.approx(base, rel=0.05)
+    spiked[0][0, 0, channels[0]] = 1e4  # a "massive activation" the student does not reproduce
+    assert float(objective.feature_loss(student, spiked, channels, mask_k=4.0)) == pytest.approx(base, rel=0.05)
+    with pytest.raises(ValueError, match=r"kept channels are \(2, 16, 31\), student features \(2, 16, 32\)"):
+        objective.feature_loss(student, teacher, channels[:-1], mask_k=4.0)
 
 
-def test_layer_map_is_uniform_and_end_aligned() -> None:
-    assert objective.map_layers(2, 4) == [1, 3]
-    mapped = objective.map_layers(16, 40)
-    assert mapped[-1] == 39 and mapped == sorted(set(mapped)) and len(mapped) == 16
+def test_feature_map_is_read_from_the_projection_report() -> None:
+    report = {"selection": {"layers": [0, 3, 5, 39], "channel_indices": [0, 7, 4095]}}
+    fmap = objective.FeatureMap.from_report(report, "r.json", 4, (40, 5120))
+    assert fmap.teacher_layers == [0, 3, 5, 39] and fmap.channels.tolist() == [0, 7, 4095]
+    with pytest.raises(ValueError, match="r.json: expected selection.layers and selection.channel_indices"):
+        objective.FeatureMap.from_report({"selection": {"layers": [0, 3]}}, "r.json", 2, (40, 5120))
+    with pytest.raises(ValueError, match=r"do not map 3 student blocks onto 40 teacher blocks"):
+        objective.FeatureMap.from_report(report, "r.json", 3, (40, 5120))
+    with pytest.raises(ValueError, match="exceed the teacher's dim 1024"):
+        objective.FeatureMap.from_report(report, "r.json", 4, (40, 1024))
+
+
+@pytest.mark.slow
+def test_projected_student_block_matches_the_teacher_block_it_was_projected_from(planted_teacher, tmp_path) -> None:
+    """Depth-only projection keeps teacher blocks [0, 3]: student block 0 IS teacher block 0, so its feature
+    loss is exactly 0 at step 0 (a uniform end-aligned map would compare it with teacher block 1)."""
+    from tests.fixtures.student import PROJ_TEACHER
+    from wanlite.checkpoint.reader import TeacherReader
+    from wanlite.projection import project_student
+    from wanlite.student import WanLiteStudent
+
+    report = project_student(planted_teacher, PROJ_TEACHER.replace(num_layers=2), out_dir=tmp_path / "s",
+                             method="uniform")  # fmt: skip
+    fmap = objective.FeatureMap.from_report(report, "report", 2, (PROJ_TEACHER.num_layers, PROJ_TEACHER.dim))
+    assert fmap.teacher_layers == [0, 3]
+    low = objective.Expert(TeacherReader(planted_teacher).load_expert("low_noise_model"), 1.0)
+    student = WanLiteStudent.from_pretrained(tmp_path / "s").eval()
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(2, 16, 1, 8, 8, generator=g), torch.tensor([500.0, 200.0])
+    context = torch.randn(2, 512, 4096, generator=g)
+    target = objective.teacher_targets(low, low, x_t, t, context, None, run_high=False, run_low=True,
+                                       feature_layers=fmap.teacher_layers)  # fmt: skip
+    with torch.no_grad(), objective.capture_blocks(student, [0, 1]) as feats:
+        objective.predict(student, x_t, t, context)
+    assert float(objective.feature_loss(feats[:1], target.features[:1], fmap.channels, 4.0)) == 0.0
+    assert float(objective.feature_loss(feats[1:], target.features[1:], fmap.channels, 4.0)) > 0.01
+
 
 
 # --- data order and schedule ----------------------------------------------------------------

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from PIL import Image
 
 from wanlite import cli
 from wanlite.checkpoint.reader import TeacherReader
 from wanlite.config import ConfigError
-from wanlite.evaluate import evaluate, frechet_distance, gaussian_stats
+from wanlite.evaluate import EvaluationError, evaluate, frechet_distance, gaussian_stats
 from wanlite.prompts import PromptError
-from tests.fixtures.ship import SHIP_GATE, Shipped
+from tests.fixtures.ship import SHIP_MARGIN, Shipped, make_student
 
 
 def _random_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
@@ -68,7 +70,10 @@ def test_frechet_distance_from_samples_converges_to_the_population_value() -> No
 def test_evaluation_writes_reports_and_grid(shipped: Shipped) -> None:
     report = json.loads(shipped.eval_report.read_text())
     assert report["kind"] == "evaluate" and report["passed"] is True
-    assert report["gate"] == {"max_velocity_rel_mse": SHIP_GATE, "failures": []}
+    assert report["gate"]["margin"] == SHIP_MARGIN and report["gate"]["failures"] == []
+    assert report["gate"]["baselines"]["zero"] == {"velocity_rel_mse_high": 1.0, "velocity_rel_mse_low": 1.0}
+    for name in ("fid", "clip_score"):  # no torchmetrics / cached weights on the test machines: said, not faked
+        assert set(report["sample_quality"][name]) == {"not_computed"} and name not in report["metrics"]
     metrics = report["metrics"]
     assert {"velocity_rel_mse_high", "velocity_rel_mse_low", "frechet_latent"} <= set(metrics)
     assert all(np.isfinite(v) and v >= 0 for v in metrics.values())
@@ -80,6 +85,7 @@ def test_evaluation_writes_reports_and_grid(shipped: Shipped) -> None:
         assert grid.size == (2 * 64 + 3 * 2, 64 + 2 * 2), "one row: teacher | student, 64 px each"
     markdown = (shipped.eval_dir / "evaluation.md").read_text()
     assert "**PASSED**" in markdown and "grid.png" in markdown and report["prompts"][0] in markdown
+    assert "fid: not computed (" in markdown
 
 
 @pytest.mark.slow
@@ -97,7 +103,7 @@ def test_teacher_expert_as_student_scores_zero_on_its_own_range(
     report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert report["metrics"]["velocity_rel_mse_low"] < 1e-10
     assert report["metrics"]["velocity_rel_mse_high"] > 0.1
-    assert report["passed"] is False and "velocity_rel_mse_high" in report["gate"]["failures"][0]
+    assert report["passed"] is False and report["gate"]["failures"][0].startswith("velocity_rel_mse_high")
     assert "FAILED" in capsys.readouterr().out
 
 
@@ -111,3 +117,81 @@ def test_bad_evaluation_inputs_are_refused(ship_student: Path, tiny_teacher: Pat
     with pytest.raises(ConfigError, match="size: expected a multiple of 16"):
         evaluate(ship_student, tiny_teacher, out_dir=tmp_path / "o", size=40)
     assert not (tmp_path / "o").exists()
+
+
+FAST_GRID = ["--num-prompts", "1", "--seeds", "3", "--steps", "1", "--size", "32"]
+
+
+def _zero_velocity_student(out: Path) -> Path:
+    """A seeded student whose proj_out is zeroed: it predicts v = 0 everywhere (a dead model)."""
+    from wanlite.student import WanLiteStudent
+
+    model = WanLiteStudent.from_pretrained(make_student(out))
+    with torch.no_grad():
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guided", [False, True])
+def test_default_gate_fails_dead_and_random_students(
+    ship_student: Path, tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture, guided: bool
+) -> None:
+    """The case the gate exists for: predicting zero used to score exactly the old threshold (1.0) and pass."""
+    dead = _zero_velocity_student(tmp_path / "dead")
+    for name, student in (("dead", dead), ("random", ship_student)):
+        args = ["evaluate", "--student", str(student), "--teacher", str(tiny_teacher), "--out", str(tmp_path / name)]
+        assert cli.main(args + FAST_GRID + (["--guided"] if guided else [])) == 1, name
+        report = json.loads((tmp_path / name / "evaluation.json").read_text())
+        failures = report["gate"]["failures"]
+        assert report["passed"] is False and any("zero predictor" in f for f in failures), (name, failures)
+        assert {f.split(" ")[0] for f in failures} == {"velocity_rel_mse_high", "velocity_rel_mse_low"}, failures
+        assert "FAILED (velocity_rel_mse_" in capsys.readouterr().out
+    assert json.loads((tmp_path / "dead" / "evaluation.json").read_text())["score"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_gate_passes_a_student_that_beats_both_baselines_and_fails_one_that_does_not_beat_its_init(
+    ship_student: Path, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    """The low-noise expert as a student, on the low-noise range only: exact, so it beats zero and its
+    (random) init; scored against itself as the init, the same student cannot beat it and fails."""
+    TeacherReader(tiny_teacher).load_expert("low_noise_model").save_pretrained(tmp_path / "low")
+    common = dict(num_prompts=1, seeds=(3,), steps=1, size=32, sigmas=(0.5, 0.2))
+    report = evaluate(tmp_path / "low", tiny_teacher, out_dir=tmp_path / "a", baseline=ship_student, **common)
+    assert report["passed"] is True, report["gate"]["failures"]
+    assert set(report["gate"]["baselines"]) == {"zero", "init"}
+    assert report["gate"]["baselines"]["init"]["velocity_rel_mse_low"] > 1.0
+    again = evaluate(tmp_path / "low", tiny_teacher, out_dir=tmp_path / "b", baseline=tmp_path / "low", **common)
+    assert again["passed"] is False and "init predictor" in again["gate"]["failures"][0]
+
+
+def test_student_of_another_shape_than_the_teacher_is_refused(
+    ship_student: Path, tiny_teacher: Path, tmp_path: Path
+) -> None:
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher, symlinks=True)
+    for expert in ("high_noise_model", "low_noise_model"):
+        config = teacher / expert / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "in_dim": 32}))
+    with pytest.raises(EvaluationError, match=r"does not fit the teacher: in_dim: expected the teacher's 32, found 16"):
+        evaluate(ship_student, teacher, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_non_finite_metrics_are_an_error_and_no_report(tiny_teacher: Path, tmp_path: Path) -> None:
+    from wanlite.student import WanLiteStudent
+
+    model = WanLiteStudent.from_pretrained(make_student(tmp_path / "nan"))
+    with torch.no_grad():
+        model.proj_out.bias.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan")
+    args = ["evaluate", "--student", str(tmp_path / "nan"), "--teacher", str(tiny_teacher)]
+    args += ["--out", str(tmp_path / "o")]
+    assert cli.main(args + FAST_GRID) != 0
+    assert not (tmp_path / "o" / "evaluation.json").exists()
+    with pytest.raises(EvaluationError, match="expected finite"):
+        evaluate(tmp_path / "nan", tiny_teacher, out_dir=tmp_path / "o", num_prompts=1, seeds=(3,), steps=1, size=32)

@@ -117,7 +117,8 @@ def test_reader_names_file_key_and_shapes_on_mismatch(planted_teacher, tmp_path)
 
 @pytest.mark.parametrize("method", ["importance", "uniform"])
 def test_same_shape_student_reproduces_the_teacher_exactly(planted_teacher, tmp_path, method):
-    report = project_student(planted_teacher, PROJ_TEACHER, out_dir=tmp_path / "s", method=method, calib_samples=2)
+    report = project_student(planted_teacher, PROJ_TEACHER, out_dir=tmp_path / "s", method=method, calib_samples=2,
+                            calib_random=True)
     assert report["totals"]["randomly_initialised"] == 0
     assert report["totals"]["from_teacher"] == report["totals"]["tensors"] == len(native_tensor_shapes(PROJ_TEACHER))
     student = WanLiteStudent.from_pretrained(tmp_path / "s")
@@ -171,7 +172,7 @@ def test_importance_beats_uniform_beats_random_init(tmp_path, seed):
 
 
 def test_importance_keeps_planted_massive_channels(planted_teacher, tmp_path):
-    report = project_student(planted_teacher, HALF_SHALLOW, out_dir=tmp_path / "s", calib_samples=2)
+    report = project_student(planted_teacher, HALF_SHALLOW, out_dir=tmp_path / "s", calib_samples=2, calib_random=True)
     bias = TeacherReader(planted_teacher).tensor(LOW, "patch_embedding.bias")
     planted = set(bias.topk(4).indices.tolist())  # the fixture's massive channels: a huge constant bias
     # the log-normal channel gains can push a few more past the 100x threshold; those count too
@@ -184,11 +185,73 @@ def test_importance_keeps_planted_massive_channels(planted_teacher, tmp_path):
     assert "**0 randomly initialised**" in md and "blocks.1.ffn.2.weight" in md
 
 
+def _site_inputs(model, latents, timesteps, context) -> dict[str, torch.Tensor]:
+    """What block 0's self-attn, cross-attn and FFN, and the head's projection, receive."""
+    captured: dict[str, torch.Tensor] = {}
+    block = model.blocks[0]
+    sites = {"norm1": block.attn1, "norm3": block.attn2, "norm2": block.ffn, "head": model.proj_out}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, k=k: captured.__setitem__(k, a[0].float())) for k, m in sites.items()
+    ]
+    with torch.no_grad():
+        model(latents.unsqueeze(2), timesteps, context)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def _scale_vs_teacher(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Least-squares k in student ~ k * teacher: 1.0 when the student sees the teacher's values."""
+    return float((student * teacher).sum() / teacher.pow(2).sum())
+
+
+@pytest.mark.slow
+def test_norm_ratios_restore_the_teachers_block_inputs_with_massive_channels_kept(planted_teacher, tmp_path):
+    """With the massive channels kept, a LayerNorm over the kept channels divides by a larger sigma: the
+    student's block inputs came out at about half the teacher's. The folded ratio brings them back to 1x."""
+    latents, timesteps, context = (t[2:] for t in held_out_inputs(0))  # low-noise timesteps: the seeding expert
+    teacher = _site_inputs(TeacherReader(planted_teacher).load_expert(LOW), latents, timesteps, context)
+    scales = {}
+    for fix in (True, False):
+        out = tmp_path / f"fix-{fix}"
+        report = project_student(planted_teacher, HALF, out_dir=out, calib_samples=4, calib_random=True,
+                                 norm_ratios=fix)  # fmt: skip
+        assert report["fixes"]["norm_ratios"] is fix
+        kept = torch.tensor(report["selection"]["channel_indices"])
+        student = _site_inputs(WanLiteStudent.from_pretrained(out), latents, timesteps, context)
+        scales[fix] = {k: _scale_vs_teacher(student[k], teacher[k][..., kept]) for k in ("norm1", "head")}
+    ratios = report_with_fix = json.loads((tmp_path / "fix-True" / REPORT_JSON).read_text())["norm_ratios"]
+    assert all(r > 1.3 for r in ratios["blocks"]["norm1"]) and ratios["head"] > 1.3, ratios
+    assert "norm ratio" in (tmp_path / "fix-True" / "projection_report.md").read_text()
+    assert report_with_fix["blocks"]["norm3"] and report["norm_ratios"] is None
+    # block 0's input is exactly the teacher's kept channels, so its first LayerNorm is compared exactly;
+    # the head sees the residual after every (approximated) block, so it gets a looser bound
+    assert 0.95 < scales[True]["norm1"] < 1.05 and scales[False]["norm1"] < 0.8, scales
+    assert abs(scales[True]["head"] - 1) < abs(scales[False]["head"] - 1), scales
+
+
+@pytest.mark.slow
+def test_embedding_hidden_units_are_ranked_by_their_own_activations(planted_teacher, tmp_path):
+    """The fixture makes half of each embedding MLP's hidden units matter (x3) and half not (x0.2), at random
+    positions unrelated to the residual channels; the student keeps half, so it must keep the big ones (all of
+    them for the text MLP; for the time MLP a big unit whose activation stays near zero on the calibration
+    timesteps may rightly lose to a small busy one). The residual channel set keeps about half of them."""
+    reader = TeacherReader(planted_teacher)
+    for fix in (True, False):
+        report = project_student(planted_teacher, HALF, out_dir=tmp_path / f"fix-{fix}", calib_samples=2,
+                                 calib_random=True, rank_embedding_units=fix)  # fmt: skip
+        for mlp in ("text_embedding", "time_embedding"):
+            big = reader.tensor(LOW, f"{mlp}.2.weight").norm(dim=0).topk(HALF.dim).indices.sort().values.tolist()
+            kept = report["selection"]["embedding_units"][mlp]
+            overlap = len(set(kept) & set(big)) / len(big)
+            assert (overlap >= (1.0 if mlp == "text_embedding" else 0.9)) if fix else overlap < 0.7, (mlp, fix, overlap)
+
+
 # --- (c) depth only: exactly the chosen blocks ------------------------------------------
 
 
 def test_depth_only_reduction_copies_the_chosen_blocks(planted_teacher, tmp_path):
-    report = project_student(planted_teacher, SHALLOW, out_dir=tmp_path / "s", calib_samples=2)
+    report = project_student(planted_teacher, SHALLOW, out_dir=tmp_path / "s", calib_samples=2, calib_random=True)
     assert report["selection"]["layers"] == [0, PROJ_TEACHER.num_layers - 1]
     reader = TeacherReader(planted_teacher)
     student = WanLiteStudent.from_pretrained(tmp_path / "s").state_dict()
@@ -308,7 +371,9 @@ def test_missing_expert_is_refused(tmp_path, expert):
 )
 def test_bad_calibration_data_is_refused(tmp_path, options, message):
     with pytest.raises(CalibrationError, match=message):
-        project_student(stub_teacher(tmp_path / "teacher"), HALF, out_dir=tmp_path / "out", **options)
+        project_student(
+            stub_teacher(tmp_path / "teacher"), HALF, out_dir=tmp_path / "out", calib_random=True, **options
+        )
 
 
 @pytest.mark.parametrize(("option", "message"), [({"method": "svd"}, "method: expected one of importance, uniform"),
@@ -340,6 +405,9 @@ def test_output_holding_another_student_is_refused(planted_teacher, tmp_path):
 def test_cli_projects_the_tiny_preset_into_the_store(tiny_teacher, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANLITE_STORE", f"file://{tmp_path / 'store'}")
     args = ["project", "--teacher", str(tiny_teacher), "--preset", "tiny", "--calib-samples", "2"]
+    assert cli_main(args) == 2, "importance without calibration data: refused unless random inputs are asked for"
+    assert "expected the pipeline's own data" in capsys.readouterr().err
+    args.append("--calib-random")
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     uri = printed.split("student: ")[1].split()[0]
@@ -362,6 +430,27 @@ def test_cli_projects_the_tiny_preset_into_the_store(tiny_teacher, tmp_path, mon
     assert cli_main(["project", "--teacher", str(tiny_teacher), "--calib-data", str(tmp_path / "calib.safetensors"),
                      "--out", str(tmp_path / "never")]) == 2
     assert "calibration latents: expected [N, 16, h, w]" in capsys.readouterr().err
+
+
+def test_calibration_reads_each_expert_once_per_pass_not_once_per_batch(planted_teacher, monkeypatch):
+    reader = TeacherReader(planted_teacher)
+    reads: list[str] = []
+    tensor = TeacherReader.tensor
+    monkeypatch.setattr(TeacherReader, "tensor", lambda self, e, n: reads.append(n) or tensor(self, e, n))
+    calib = build_calibration_set(reader.arch, num_samples=3, latent_size=8, timesteps_per_sample=2, seed=0)
+    stats = collect_statistics(reader, calib, batch_size=1)  # 6 batches over the two experts
+    assert stats.loading == {HIGH: "resident", LOW: "resident"}
+    assert len(reads) == 2 * len(native_tensor_shapes(PROJ_TEACHER)), "every tensor once per expert"
+
+
+@pytest.mark.slow
+def test_cli_calibrates_on_the_pipelines_own_data(tiny_teacher, tiny_latents, tiny_embeddings, tmp_path, capsys):
+    args = ["project", "--teacher", str(tiny_teacher), "--data", tiny_latents["uri"], "--out", str(tmp_path / "s")]
+    assert cli_main(args) == 2 and "give --data with --embeddings" in capsys.readouterr().err
+    assert cli_main([*args, "--embeddings", tiny_embeddings["uri"], "--calib-samples", "2"]) == 0
+    report = json.loads((tmp_path / "s" / REPORT_JSON).read_text())
+    assert report["calibration"]["source"] == "given latents, given context" and report["calibration"]["samples"] == 2
+    assert report["fixes"] == {"norm_ratios": True, "rank_embedding_units": True} and report["norm_ratios"]["tokens"]
 
 
 # --- the statistics and selection rules, on their own -----------------------------------

@@ -78,6 +78,32 @@ def test_champion_moves_only_when_the_score_improves(shipped: Shipped, mlflow_se
     assert client.get_model_version_by_alias(f"wanlite-{preset}", CANDIDATE).version == better["version"]
 
 
+CHANGED_SETTINGS = ({"teacher_fingerprint": "0" * 64}, {"prompts": ["another prompt"]}, {"seeds": [7]},
+                    {"sigmas": [0.5]}, {"guided": True}, {"steps": 40}, {"size": 128})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_better_score_from_other_settings_is_registered_but_not_compared(
+    shipped: Shipped, mlflow_server: str, tmp_path: Path
+) -> None:
+    preset = f"tiny-{uuid.uuid4().hex[:8]}"
+    client = MlflowClient(tracking_uri=mlflow_server)
+    base = json.loads(shipped.eval_report.read_text())["score"]
+    first = register(_shipment(shipped, tmp_path, score=base), tracking_uri=mlflow_server, preset=preset)
+    for change in CHANGED_SETTINGS:
+        other = register(_shipment(shipped, tmp_path, score=base / 10, **change), tracking_uri=mlflow_server,
+                         preset=preset)  # fmt: skip
+        (setting,) = change
+        assert other["aliases"] == [CANDIDATE] and not other["champion"]
+        assert other["not_compared"] == (
+            f"not compared with champion version {first['version']}: evaluated under different settings: {setting}"
+        )
+        assert client.get_model_version(f"wanlite-{preset}", other["version"]).tags["not_compared"] == (
+            other["not_compared"]
+        )
+    assert client.get_model_version_by_alias(f"wanlite-{preset}", CHAMPION).version == first["version"]
+
+
 def test_nothing_is_registered_from_a_failed_or_incomplete_run(
     shipped: Shipped, mlflow_server: str, tmp_path: Path
 ) -> None:

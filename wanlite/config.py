@@ -53,6 +53,8 @@ EXPORT_DTYPES = ("bf16", "fp16", "fp32")
 EVAL_SIGMAS = (0.95, 0.9, 0.8, 0.6, 0.4, 0.2)
 """Fixed evaluation noise levels: t = 950, 900 on the high-noise expert; 800..200 on the low-noise one."""
 EVAL_SEEDS = (0, 1)
+EVAL_MARGIN = 0.1
+"""Evaluation gate: the student's velocity rel. MSE must be 10 % below every trivial baseline's, per expert range."""
 CANDIDATE, CHAMPION = "candidate", "champion"
 """MLflow registry aliases: every registered version is a candidate; the best evaluated one is champion."""
 

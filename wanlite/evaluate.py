@@ -4,13 +4,18 @@ Three views, each answering a different question:
 
 - velocity relative MSE, `sum ||v_s - v_t||^2 / sum ||v_t||^2`, on a fixed sigma
   grid, split by expert range (t >= 875: high-noise expert; below: low-noise).
-  This is what distillation optimises, so it is the quality gate; 1.0 is what
-  predicting zero velocity scores, so the default gate asks for better than that.
+  This is what distillation optimises, so it is the quality gate. A constant
+  threshold would be met by a dead model (predicting zero scores exactly 1.0),
+  so the gate is a margin against trivial baselines scored on the same grid:
+  the zero predictor, and the run's own starting point (the projected init)
+  when it is given. A student must beat each by `margin` in every range.
 - student and teacher samples side by side from the same seeds (identical
   initial noise), decoded with the teacher's VAE: what a person looks at.
 - the Fréchet distance between the distributions of latent pixel vectors
   (16-d, one per latent position) of student and teacher samples: a distribution
-  distance that needs no pretrained feature network (none is reachable here).
+  distance that needs no pretrained feature network. FID and CLIP score on the
+  decoded images are added when torchmetrics and their weights are present
+  locally; otherwise the report says "not computed" and why.
 
 x0 for the velocity grid is the teacher's own sample for that prompt and seed,
 so the comparison happens on the data manifold the teacher generates.
@@ -34,6 +39,7 @@ from PIL import Image
 from wanlite import __version__
 from wanlite.checkpoint.reader import TeacherReader
 from wanlite.config import (
+    EVAL_MARGIN,
     EVAL_SEEDS,
     EVAL_SIGMAS,
     GUIDANCE_HIGH,
@@ -42,6 +48,7 @@ from wanlite.config import (
     PRESETS,
     SAMPLE_STEPS,
     ConfigError,
+    WanArch,
 )
 from wanlite.distill.objective import Expert, add_noise, predict, routes_high, teacher_targets
 from wanlite.export import dir_sha256, load_student, preset_for
@@ -139,6 +146,12 @@ def resolve_prompts(source: str | Path, limit: int | None = None) -> list[str]:
     return prompts
 
 
+class EvaluationError(ConfigError):
+    """An evaluation that cannot give a trustworthy verdict; the message names what and why."""
+
+
+
+
 def evaluate(
     student: str | Path,
     teacher: str | Path,
@@ -151,7 +164,8 @@ def evaluate(
     steps: int | None = None,
     size: int | None = None,
     guided: bool | None = None,
-    max_rel_mse: float = 1.0,
+    baseline: str | Path | None = None,
+    margin: float = EVAL_MARGIN,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation, write `evaluation.json`, `evaluation.md` and `grid.png`; return the report.
@@ -159,16 +173,19 @@ def evaluate(
     The student samples with its recorded settings (`wanlite_sampling.json`);
     `steps` sets the teacher's steps (default: the student's) and overrides
     the student's unless it has explicit sigmas; `guided` overrides whether
-    its guidance is folded in. `guided`:
-    compare with the teacher's CFG-guided velocity (4.0 high / 3.0 low, Wan's
-    negative prompt), for students distilled with guidance folded in (the
-    default when the record says guidance 1); they then sample without CFG.
-    Otherwise both velocities are conditional and the student samples with
-    CFG 3.0. The report lists every setting that was not the model's.
-    `device` defaults to CUDA when available.
+    its guidance is folded in. `guided`: compare with the teacher's
+    CFG-guided velocity (4.0 high / 3.0 low, Wan's negative prompt), for
+    students distilled with guidance folded in (the default when the record
+    says guidance 1); they then sample without CFG. Otherwise both velocities
+    are conditional and the student samples with CFG 3.0. The report lists
+    every setting that was not the model's. `baseline`: the run's starting
+    point (the projected init), scored on the same grid; the gate asks the
+    student to beat it and the zero predictor by `margin` (a fraction of the
+    baseline's error) in every expert range. `device` defaults to CUDA when
+    available.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _check_grid(sigmas, seeds, steps if steps is not None else SAMPLE_STEPS, max_rel_mse)
+    _check_grid(sigmas, seeds, steps if steps is not None else SAMPLE_STEPS, margin)
     prompt_list = resolve_prompts(prompts, num_prompts)
     model, arch, student_dir = load_student(student)
     sampling, guided, notes = evaluation_sampling(load_sampling(student_dir), str(student), steps, guided)
@@ -177,31 +194,40 @@ def evaluate(
     size = size or (preset.image_size if preset else PRESETS["lite-1024"].image_size)
     if size % 16:
         raise ConfigError(f"size: expected a multiple of 16 (VAE 8 x patch 2), found {size}")
-    setup = _Setup.build(model, local_path(teacher), guided, device, sampling)
+    teacher_dir = local_path(teacher)
+    teacher_arch = TeacherReader(teacher_dir).arch
+    check_pairing(arch, teacher_arch, f"student {student}")
+    predictors: dict[str, Any] = {STUDENT: model, ZERO: None}
+    if baseline is not None:
+        init, init_arch, _ = load_student(baseline)
+        check_pairing(init_arch, teacher_arch, f"baseline {baseline}")
+        predictors[INIT] = init
+    setup = _Setup.build(model, teacher_dir, guided, device, sampling)
     with torch.no_grad():
         cond, uncond = setup.teacher_pipe.encode_prompt(
             prompt_list, [NEGATIVE_PROMPT] * len(prompt_list), do_classifier_free_guidance=True, max_sequence_length=512
         )
-    stats, rows, teacher_latents, student_latents = VelocityStats(), [], [], []
+    stats = {name: VelocityStats() for name in predictors}
+    rows, teacher_latents, student_latents = [], [], []
     for i, prompt in enumerate(prompt_list):
         for seed in seeds:
             log.info("evaluate: prompt %d/%d, seed %d", i + 1, len(prompt_list), seed)
             t_lat, s_lat = setup.sample(cond[i : i + 1], uncond[i : i + 1], seed, size, steps, sampling.steps)
             negative = uncond[i : i + 1] if guided else None
-            _velocity_grid(stats, model, setup.experts, t_lat, cond[i : i + 1], negative, sigmas, seed)
+            _velocity_grid(stats, predictors, setup.experts, t_lat, cond[i : i + 1], negative, sigmas, seed)
             teacher_latents.append(t_lat)
             student_latents.append(s_lat)
             rows.append((prompt, seed, decode_latents(setup.vae, t_lat)[0], decode_latents(setup.vae, s_lat)[0]))
-    report = _report(
-        stats, teacher_latents, student_latents, max_rel_mse,
-        settings={
-            "student": str(student), "student_sha256": dir_sha256(student_dir), "teacher": str(teacher),
-            "teacher_fingerprint": setup.fingerprint, "prompts": prompt_list, "prompt_source": str(prompts),
-            "seeds": list(seeds), "sigmas": list(sigmas), "steps": steps, "size": size, "guided": guided,
-            "student_guidance": setup.student_cfg, "teacher_guidance": [GUIDANCE_HIGH, GUIDANCE_LOW],
-            "sampling": sampling.to_dict(), "sampling_notes": notes,
-        },
-    )  # fmt: skip
+    settings = {
+        "student": str(student), "student_sha256": dir_sha256(student_dir), "teacher": str(teacher),
+        "teacher_fingerprint": setup.fingerprint, "prompts": prompt_list, "prompt_source": str(prompts),
+        "seeds": list(seeds), "sigmas": list(sigmas), "steps": steps, "size": size, "guided": guided,
+        "student_guidance": setup.student_cfg, "teacher_guidance": [GUIDANCE_HIGH, GUIDANCE_LOW],
+        "sampling": sampling.to_dict(), "sampling_notes": notes,
+        "baseline": None if baseline is None else str(baseline),
+    }  # fmt: skip
+    quality = sample_quality(teacher_latents, student_latents, rows, device)
+    report = _report(stats, quality, margin, settings)
     _write_outputs(report, rows, out_dir)
     return report
 
@@ -227,6 +253,24 @@ def evaluation_sampling(
         negative_prompt=None if guided == folded else wanted.negative_prompt,
     )  # fmt: skip
     return sampling, guided, notes + [f"overridden {c}" for c in changed]
+
+
+STUDENT, ZERO, INIT = "student", "zero", "init"
+"""Predictors scored on the grid: the student, and the baselines it must beat."""
+
+PAIRED_FIELDS = ("in_dim", "out_dim", "text_dim", "freq_dim", "patch_size")
+"""What a student must share with its teacher to be compared on the same inputs."""
+
+
+def check_pairing(student: WanArch, teacher: WanArch, source: str) -> None:
+    """Raise naming every field where the student cannot take the teacher's inputs and targets."""
+    problems = [
+        f"{name}: expected the teacher's {getattr(teacher, name)}, found {getattr(student, name)}"
+        for name in PAIRED_FIELDS
+        if getattr(student, name) != getattr(teacher, name)
+    ]
+    if problems:
+        raise EvaluationError(f"{source} does not fit the teacher: " + "; ".join(problems))
 
 
 @dataclass
@@ -276,15 +320,15 @@ class _Setup:
         return teacher.float(), student.float()
 
 
-def _check_grid(sigmas: Sequence[float], seeds: Sequence[int], steps: int, max_rel_mse: float) -> None:
+def _check_grid(sigmas: Sequence[float], seeds: Sequence[int], steps: int, margin: float) -> None:
     if not sigmas or not all(0 < s <= 1 for s in sigmas):
         raise ConfigError(f"sigmas: expected values in (0, 1], found {list(sigmas)}")
     if not seeds:
         raise ConfigError("seeds: expected at least one seed, found none")
     if steps < 1:
         raise ConfigError(f"steps: expected a positive number, found {steps}")
-    if not max_rel_mse > 0:
-        raise ConfigError(f"max_rel_mse: expected a positive number, found {max_rel_mse}")
+    if not (math.isfinite(margin) and margin < 1):
+        raise ConfigError(f"margin: expected a number below 1 (a fraction of the baseline's error), found {margin}")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -293,8 +337,8 @@ def _gen(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def _velocity_grid(
-    stats: VelocityStats,
-    student: Any,
+    stats: dict[str, VelocityStats],
+    predictors: dict[str, Any],
     experts: tuple[Expert, Expert],
     x0: torch.Tensor,
     context: torch.Tensor,
@@ -302,7 +346,10 @@ def _velocity_grid(
     sigmas: Sequence[float],
     seed: int,
 ) -> None:
-    """Student vs routed teacher velocity at every sigma, for one clean latent x0 [1, C, 1, h, w]."""
+    """Every predictor vs the routed teacher velocity at every sigma, for one clean latent x0 [1, C, 1, h, w].
+
+    A predictor of None is the zero predictor.
+    """
     k = len(sigmas)
     sigma = torch.tensor(sigmas, dtype=torch.float32)
     eps = torch.randn((k, *x0.shape[1:]), generator=_gen(10_000 + seed)).to(x0.device)
@@ -313,44 +360,137 @@ def _velocity_grid(
     is_high = routes_high(t)
     target = teacher_targets(
         *experts, x_t, t, ctx, neg, run_high=bool(is_high.any()), run_low=bool((~is_high).any())
-    ).velocity
-    pred = predict(student, x_t.to(student.dtype), t, ctx.to(student.dtype)).float()
-    target, pred = target.cpu(), pred.cpu()
-    for j, s in enumerate(sigmas):
-        (stats.high if is_high[j] else stats.low).add(pred[j : j + 1], target[j : j + 1])
-        stats.per_sigma.setdefault(float(s), RelMSE()).add(pred[j : j + 1], target[j : j + 1])
+    ).velocity.cpu()
+    for name, model in predictors.items():
+        if model is None:
+            pred = torch.zeros_like(target)
+        else:
+            model.to(x_t.device)
+            pred = predict(model, x_t.to(model.dtype), t, ctx.to(model.dtype)).float().cpu()
+        for j, s in enumerate(sigmas):
+            (stats[name].high if is_high[j] else stats[name].low).add(pred[j : j + 1], target[j : j + 1])
+            stats[name].per_sigma.setdefault(float(s), RelMSE()).add(pred[j : j + 1], target[j : j + 1])
+
+
+def _ranges(stats: VelocityStats) -> dict[str, float]:
+    return {name: r.value for name, r in (("high", stats.high), ("low", stats.low)) if r.count}
+
+
+def gate_failures(stats: dict[str, VelocityStats], margin: float) -> list[str]:
+    """Every (range, baseline) where the student is not `margin` below the baseline's rel. MSE."""
+    student = _ranges(stats[STUDENT])
+    failures = []
+    for name in (n for n in stats if n != STUDENT):
+        for r, base in _ranges(stats[name]).items():
+            bound = (1 - margin) * base
+            if not student[r] <= bound:
+                failures.append(
+                    f"velocity_rel_mse_{r} = {student[r]:.4g}: not {margin:.0%} below the {name} predictor's "
+                    f"{base:.4g} (needs <= {bound:.4g})"
+                )
+    return failures
 
 
 def _report(
-    stats: VelocityStats,
-    teacher_latents: list[torch.Tensor],
-    student_latents: list[torch.Tensor],
-    max_rel_mse: float,
-    settings: dict[str, Any],
+    stats: dict[str, VelocityStats], quality: dict[str, Any], margin: float, settings: dict[str, Any]
 ) -> dict[str, Any]:
-    teacher_feats = latent_pixel_features(torch.cat(teacher_latents))
-    student_feats = latent_pixel_features(torch.cat(student_latents))
-    fd = frechet_distance(*gaussian_stats(student_feats), *gaussian_stats(teacher_feats))
-    ranges = {name: r.value for name, r in (("high", stats.high), ("low", stats.low)) if r.count}
+    ranges = _ranges(stats[STUDENT])
     metrics = {f"velocity_rel_mse_{name}": v for name, v in ranges.items()}
-    metrics.update({f"velocity_rel_mse_sigma_{s:g}": r.value for s, r in sorted(stats.per_sigma.items())})
-    metrics["frechet_latent"] = fd
-    score = float(np.mean(list(ranges.values())))
-    failures = [f"{k} = {v:.4g} > {max_rel_mse:g}" for k, v in metrics.items()
-                if k in {f"velocity_rel_mse_{n}" for n in ranges} and not v <= max_rel_mse]  # fmt: skip
-    failures += [f"{k} is not finite" for k, v in metrics.items() if not math.isfinite(v)]
+    metrics.update({f"velocity_rel_mse_sigma_{s:g}": r.value for s, r in sorted(stats[STUDENT].per_sigma.items())})
+    metrics["frechet_latent"] = quality["frechet_latent"]
+    metrics.update({k: v["value"] for k, v in quality.items() if isinstance(v, dict) and "value" in v})
+    baselines = {
+        name: {f"velocity_rel_mse_{r}": v for r, v in _ranges(s).items()}
+        for name, s in stats.items()
+        if name != STUDENT
+    }
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    bad += [f"{b}.{k}" for b, m in baselines.items() for k, v in m.items() if not math.isfinite(v)]
+    if bad:
+        raise EvaluationError(
+            f"evaluation of {settings['student']}: expected finite metrics, found non-finite {', '.join(bad)} "
+            "(a diverged student or a teacher with zero velocity on the grid); no report written"
+        )
+    failures = gate_failures(stats, margin)
     return {
         "kind": "evaluate",
         "passed": not failures,
-        "gate": {"max_velocity_rel_mse": max_rel_mse, "failures": failures},
-        "score": score,
+        "gate": {
+            "rule": f"velocity rel. MSE at least {margin:.0%} below every baseline's, in every expert range",
+            "margin": margin,
+            "baselines": baselines,
+            "failures": failures,
+        },
+        "score": float(np.mean(list(ranges.values()))),
         "score_definition": "mean velocity relative MSE over the expert ranges (lower is better)",
         "metrics": metrics,
+        "sample_quality": {k: v for k, v in quality.items() if k != "frechet_latent"},
         "grid": GRID_PNG,
-        "num_samples": len(teacher_latents),
+        "num_samples": len(settings["prompts"]) * len(settings["seeds"]),
         **settings,
         "wanlite_version": __version__,
     }
+
+
+# --- sample-space quality ----------------------------------------------------------------
+
+CLIP_MODEL = "openai/clip-vit-base-patch16"
+"""CLIP score backbone, looked up in the local Hugging Face cache only."""
+
+
+def sample_quality(
+    teacher_latents: list[torch.Tensor], student_latents: list[torch.Tensor], rows: Rows, device: str
+) -> dict[str, Any]:
+    """Fréchet distance of latent pixels, plus FID and CLIP score on the decoded images when computable.
+
+    FID and CLIP need pretrained networks; they are computed only from weights
+    already on this machine (nothing is downloaded). Otherwise the entry is
+    `{"not_computed": why}`: never a figure from another network.
+    """
+    teacher, student = torch.cat(teacher_latents), torch.cat(student_latents)
+    for name, lat in (("teacher", teacher), ("student", student)):
+        if not torch.isfinite(lat).all():
+            raise EvaluationError(f"{name} samples: expected finite latents, found NaN/inf (a diverged model?)")
+    fd = frechet_distance(
+        *gaussian_stats(latent_pixel_features(student)), *gaussian_stats(latent_pixel_features(teacher))
+    )
+    t_img = torch.stack([t for _, _, t, _ in rows]).clamp(0, 1)
+    s_img = torch.stack([s for _, _, _, s in rows]).clamp(0, 1)
+    return {
+        "frechet_latent": fd,
+        "fid": _fid(t_img, s_img, device),
+        "clip_score": _clip_score(s_img, [p for p, _, _, _ in rows], device),
+    }
+
+
+def _fid(teacher: torch.Tensor, student: torch.Tensor, device: str) -> dict[str, Any]:
+    """FID (student vs teacher images) with torchmetrics' Inception, from locally cached weights only."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as err:
+        return {"not_computed": f"torchmetrics' FID is not importable ({err}); install torchmetrics[image]"}
+    if teacher.shape[0] < 2:
+        return {"not_computed": f"FID needs at least 2 images per side, found {teacher.shape[0]}"}
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    if not any(hub.glob("*inception-2015-12-05*")):
+        return {"not_computed": f"Inception weights (inception-2015-12-05) are not in {hub}; nothing is downloaded"}
+    fid = FrechetInceptionDistance(normalize=True).to(device)
+    fid.update(teacher.to(device), real=True)
+    fid.update(student.to(device), real=False)
+    return {"value": float(fid.compute()), "images": int(teacher.shape[0])}
+
+
+def _clip_score(images: torch.Tensor, prompts: list[str], device: str) -> dict[str, Any]:
+    """Mean CLIP score of the student's images against their prompts, from a locally cached CLIP only."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from torchmetrics.multimodal.clip_score import CLIPScore
+    except ImportError as err:
+        return {"not_computed": f"torchmetrics' CLIP score is not importable ({err}); install torchmetrics[multimodal]"}
+    if not isinstance(try_to_load_from_cache(CLIP_MODEL, "config.json"), str):
+        return {"not_computed": f"{CLIP_MODEL} is not in the local Hugging Face cache; nothing is downloaded"}
+    metric = CLIPScore(model_name_or_path=CLIP_MODEL).to(device)
+    return {"value": float(metric((images * 255).to(torch.uint8).to(device), prompts)), "model": CLIP_MODEL}
 
 
 # --- outputs -----------------------------------------------------------------------------
@@ -368,18 +508,35 @@ def image_grid(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad: int = 2) 
 
 
 def markdown_report(report: dict[str, Any]) -> str:
-    verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["gate"]["failures"])
+    gate = report["gate"]
+    verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(gate["failures"])
+    rows = {"student": report["metrics"], **{f"{name} predictor": m for name, m in gate["baselines"].items()}}
+    table = [
+        f"| {name} | " + " | ".join(f"{m.get(f'velocity_rel_mse_{r}', math.nan):.4g}" for r in ("high", "low")) + " |"
+        for name, m in rows.items()
+    ]
+    quality = [
+        f"- {name}: " + (f"{v['value']:.4g}" if "value" in v else f"not computed ({v['not_computed']})")
+        for name, v in report.get("sample_quality", {}).items()
+    ]
     lines = [
         "# wanlite evaluation",
         "",
-        f"Quality gate (velocity relative MSE <= {report['gate']['max_velocity_rel_mse']:g} per expert range): "
-        f"**{verdict}**",
+        f"Quality gate ({gate['rule']}): **{verdict}**",
+        "",
+        "| predictor | velocity rel. MSE, high-noise range | low-noise range |",
+        "|---|---|---|",
+        *table,
         "",
         f"Score (mean velocity rel. MSE, lower is better): **{report['score']:.4g}**",
         "",
         "| metric | value |",
         "|---|---|",
         *(f"| {k} | {v:.4g} |" for k, v in report["metrics"].items()),
+        "",
+        "Sample-space quality on the decoded images:",
+        "",
+        *quality,
         "",
         f"{len(report['prompts'])} held-out prompts x seeds {report['seeds']}, {report['steps']} steps, "
         f"{report['size']}x{report['size']}, sigma grid {report['sigmas']}, guided targets: {report['guided']}.",

@@ -8,11 +8,15 @@ before MLflow is contacted. The version points at a plain artifact folder
 `MlflowClient.create_model_version(source=<run artifact uri>/model)` because
 `mlflow.register_model` refuses plain folders in MLflow 3.17. It gets the
 `candidate` alias, and `champion` only when its evaluation score beats the
-current champion's (or there is none).
+current champion's (or there is none) AND both were evaluated under identical
+settings (teacher fingerprint, prompts, seeds, sigmas, guided mode, steps,
+size): scores from different grids are not comparable, so such a version is
+registered as a candidate with the reason it was not compared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -39,6 +43,11 @@ MODEL_DIR = "model"
 
 SCORE_TAG = "eval_score"
 """Model-version tag holding the evaluation score; lower is better."""
+
+EVAL_SETTINGS_TAG = "eval_settings"
+"""Model-version tag: JSON of {setting: sha256 prefix of its value}, what makes two scores comparable."""
+
+COMPARABLE_SETTINGS = ("teacher_fingerprint", "prompts", "seeds", "sigmas", "guided", "steps", "size")
 
 COMFYUI_FILE_TAG, COMFYUI_SHA_TAG = "comfyui_file", "comfyui_sha256"
 COMFYUI_WORKFLOW_TAG = "comfyui_workflow"
@@ -266,15 +275,21 @@ def _create_version(
         COMFYUI_SHA_TAG: ship.export_report["sha256"],
         "export_dtype": ship.export_report["dtype"],
         SCORE_TAG: repr(score),
+        EVAL_SETTINGS_TAG: json.dumps(eval_settings(ship.eval_report), sort_keys=True),
         **{f"eval.{k}": repr(v) for k, v in eval_metrics(ship.eval_report).items() if k != SCORE_TAG},
     }
     source = f"{run.info.artifact_uri}/{MODEL_DIR}"
     version = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     previous = _champion(client, name)
-    promoted = previous is None or score < previous[1]
+    not_compared = None if previous is None else incomparable(eval_settings(ship.eval_report), previous[2])
+    promoted = previous is None or (not_compared is None and score < previous[1])
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
+    elif not_compared is not None:
+        not_compared = f"not compared with champion version {previous[0]}: {not_compared}"
+        client.set_model_version_tag(name, version.version, "not_compared", not_compared)
+        log.warning("%s version %s: %s", name, version.version, not_compared)
     log.info("registered %s version %s (score %.4g, champion: %s)", name, version.version, score, promoted)
     return {
         "kind": "register",
@@ -287,19 +302,40 @@ def _create_version(
         "aliases": [CANDIDATE, CHAMPION] if promoted else [CANDIDATE],
         "champion": promoted,
         "previous_champion": None if previous is None else {"version": previous[0], "score": previous[1]},
+        "not_compared": not_compared,
         "tags": tags,
     }
 
 
-def _champion(client: Any, name: str) -> tuple[str, float] | None:
-    """(version, score) of the current champion, or None when there is none."""
+def eval_settings(report: Mapping[str, Any]) -> dict[str, str | None]:
+    """{setting: sha256 prefix of its JSON value} for the settings that make scores comparable (None: absent)."""
+    return {
+        key: _digest(report[key]) if key in report else None for key in COMPARABLE_SETTINGS
+    }
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def incomparable(mine: Mapping[str, str | None], theirs: Mapping[str, str | None] | None) -> str | None:
+    """Why two evaluations' scores cannot be compared, or None when every setting is recorded and equal."""
+    if theirs is None:
+        return f"its evaluation settings were not recorded (tag {EVAL_SETTINGS_TAG})"
+    differ = [k for k in COMPARABLE_SETTINGS if mine.get(k) is None or mine.get(k) != theirs.get(k)]
+    return None if not differ else "evaluated under different settings: " + ", ".join(differ)
+
+
+def _champion(client: Any, name: str) -> tuple[str, float, dict[str, str | None] | None] | None:
+    """(version, score, evaluation settings) of the current champion, or None when there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return current.version, float(current.tags.get(SCORE_TAG, "inf"))
+    recorded = current.tags.get(EVAL_SETTINGS_TAG)
+    return current.version, float(current.tags.get(SCORE_TAG, "inf")), json.loads(recorded) if recorded else None
 
 
 def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:

@@ -212,6 +212,26 @@ class TeacherReader:
         cast_keeping_fp32_modules(model, dtype)
         return model.eval().requires_grad_(False)
 
+    def device_expert(
+        self, expert: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> WanTransformer3DModel:
+        """The whole expert on `device`, read one tensor at a time (host memory: the largest tensor).
+
+        For passes that run many batches through one expert (calibration): it
+        is read once, not once per forward as `streaming_expert` does.
+        """
+        self.expert(expert)
+        with init_empty_weights():
+            model = WanTransformer3DModel.from_config(self.arch.diffusers_config())
+        model.rope.to(device)  # RoPE tables are buffers computed at init, not checkpoint tensors
+        to_native = diffusers_to_native_names(self.arch)
+        for full, _ in list(model.named_parameters()):
+            module_name, _, param = full.rpartition(".")
+            value = self.tensor(expert, to_native[full])
+            value = value.to(device=device, dtype=torch.float32 if kept_in_fp32(model, full) else dtype)
+            model.get_submodule(module_name)._parameters[param] = nn.Parameter(value, requires_grad=False)
+        return model.eval().requires_grad_(False)
+
     def streaming_expert(
         self, expert: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> WanTransformer3DModel:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from wanlite.config import EVAL_SEEDS, EVAL_SIGMAS
+from wanlite.config import EVAL_MARGIN, EVAL_SEEDS, EVAL_SIGMAS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "On the held-out prompts at fixed seeds: the student-vs-teacher velocity relative MSE on a fixed "
             "sigma grid, per expert range (t >= 875: high-noise expert; below: low-noise); teacher and "
             "student samples side by side (grid.png, decoded with the teacher's VAE); the Fréchet distance "
-            "between their latent distributions. Writes evaluation.json (with the 'passed' quality gate "
+            "between their latent distributions (and FID / CLIP score when their weights are cached locally). "
+            "The gate: the student must beat the zero predictor (and --baseline, the run's projected init) by "
+            "--margin in every expert range. Writes evaluation.json (with the 'passed' quality gate "
             "that `wanlite register` requires), evaluation.md and grid.png to --out. Exit status 1 when the "
             "gate fails."
         ),
@@ -46,7 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "CFG folded in); default: from the student's recorded sampling settings (guidance 1 = folded in)",
     )
     parser.add_argument(
-        "--max-rel-mse", type=float, default=1.0, help="gate: max velocity relative MSE per expert range (default 1.0)"
+        "--baseline",
+        metavar="URI",
+        help="the run's starting point (the projected init folder or URI): scored on the same grid, and the "
+        "student must beat it as it must beat the zero predictor",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=EVAL_MARGIN,
+        help="gate: the student's velocity rel. MSE must be this fraction below every baseline's, in every "
+        f"expert range (default {EVAL_MARGIN})",
     )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.set_defaults(func=run)
@@ -66,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         size=args.size,
         guided=args.guided,
-        max_rel_mse=args.max_rel_mse,
+        baseline=args.baseline,
+        margin=args.margin,
         device=args.device,
     )
     verdict = "passed" if report["passed"] else "FAILED (" + "; ".join(report["gate"]["failures"]) + ")"

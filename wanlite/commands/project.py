@@ -43,15 +43,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "shifted timesteps (0.632 high / 0.368 low). Default: low",
     )
     parser.add_argument(
-        "--calib-samples", type=int, default=8, metavar="N", help="random calibration latents (default 8)"
+        "--data",
+        metavar="URI",
+        help="calibrate on the pipeline's own data: the teacher-data output (clean teacher latents), with "
+        "--embeddings, the encode-prompts output (their prompts' T5 embeddings)",
     )
+    parser.add_argument("--embeddings", metavar="URI", help="encode-prompts output that --data was sampled from")
     parser.add_argument(
         "--calib-data",
         type=Path,
         default=None,
         metavar="FILE",
-        help="safetensors file with 'latents' [N,16,h,w] (clean, normalised) and optionally 'context' "
-        "[N,L,4096] T5 embeddings; replaces the random calibration inputs",
+        help="or: a safetensors file with 'latents' [N,16,h,w] (clean, normalised) and optionally 'context' "
+        "[N,L,4096] T5 embeddings",
+    )
+    parser.add_argument(
+        "--calib-random",
+        action="store_true",
+        help="rank on random-normal latents and context instead (reported as such); only without data",
+    )
+    parser.add_argument(
+        "--calib-samples", type=int, default=32, metavar="N", help="calibration samples used (default 32)"
+    )
+    parser.add_argument(
+        "--calib-timesteps", type=int, default=4, metavar="K", help="noise levels per sample (default 4)"
+    )
+    parser.add_argument(
+        "--no-norm-ratios",
+        dest="norm_ratios",
+        action="store_false",
+        help="ablation: do not fold the calibrated sigma_kept/sigma_all ratio after shrunken LayerNorms",
+    )
+    parser.add_argument(
+        "--no-embedding-ranking",
+        dest="rank_embedding_units",
+        action="store_false",
+        help="ablation: keep the embedding MLPs' hidden units at the residual channel indices",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for calibration noise, timesteps and random inputs")
     parser.add_argument("--device", default=None, help="calibration device (default: cuda if available, else cpu)")
@@ -75,7 +102,15 @@ def run(args: argparse.Namespace) -> int:
     if args.config is not None:
         arch, config_size = load_student_config(args.config)
         image_size = config_size or image_size
-    latents, context = _calibration_data(args.calib_data)
+    given = [name for name, v in (("--data", args.data), ("--calib-data", args.calib_data)) if v is not None]
+    if len(given) > 1 or (given and args.calib_random) or (args.data is None) != (args.embeddings is None):
+        print("wanlite project: error: calibration: give --data with --embeddings, or --calib-data FILE, "
+              "or --calib-random; not several", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.data is not None:
+        latents, context = _pipeline_data(args.data, args.embeddings, args.calib_samples)
+    else:
+        latents, context = _calibration_data(args.calib_data)
     try:
         result = project_step(
             args.teacher,
@@ -85,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
             method=args.method,
             expert=args.expert,
             calib_samples=args.calib_samples,
+            timesteps_per_sample=args.calib_timesteps,
+            calib_random=args.calib_random,
+            norm_ratios=args.norm_ratios,
+            rank_embedding_units=args.rank_embedding_units,
             calib_latents=latents,
             calib_context=context,
             image_size=image_size,
@@ -100,6 +139,15 @@ def run(args: argparse.Namespace) -> int:
         f"{totals['randomly_initialised']} randomly initialised"
     )
     return 0
+
+
+def _pipeline_data(data: str, embeddings: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `limit` teacher samples (clean latents [N,16,h,w]) and their prompts' embeddings."""
+    from wanlite.distill.data import EmbeddingSet, LatentSet
+
+    latents, emb = LatentSet.load(data), EmbeddingSet.load(embeddings)
+    n = min(limit, len(latents))
+    return latents.latents[:n, :, 0], emb.context(latents.prompt_index[:n])
 
 
 def _calibration_data(path: Path | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

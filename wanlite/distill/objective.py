@@ -149,38 +149,66 @@ def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def feature_loss(
-    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], adapters: Sequence[nn.Module], mask_k: float
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], channels: torch.Tensor, mask_k: float
 ) -> torch.Tensor:
     """Masked, normalised feature matching at mapped layers, averaged over layers.
 
-    Each student feature is mapped to the teacher's width by its adapter.
-    Teacher activations further than `mask_k` standard deviations from the
-    layer mean ("massive activations") are masked out, and each layer's
-    squared error is divided by the variance of the kept teacher activations
+    The student's residual channels are an exact subset of the teacher's (the
+    projection's `channels`), so each student feature is compared with the
+    teacher's feature on those channels directly: no adapter to learn, and
+    at step 0 a projected student's first block already matches. Teacher
+    activations further than `mask_k` standard deviations from the layer
+    mean ("massive activations") are masked out, and each layer's squared
+    error is divided by the variance of the kept teacher activations
     (recomputed without the outliers, which would otherwise inflate it), so
     that no single layer or outlier channel dominates and the weight means the
     same at every depth and model size.
     """
-    if not (len(student) == len(teacher) == len(adapters)) or not student:
+    if len(student) != len(teacher) or not student:
         raise ValueError(
-            f"feature_loss: expected equal, non-zero numbers of student features, teacher features and adapters, "
-            f"found {len(student)}, {len(teacher)}, {len(adapters)}"
+            f"feature_loss: expected equal, non-zero numbers of student and teacher features, "
+            f"found {len(student)}, {len(teacher)}"
         )
     losses = []
-    for s, t, adapter in zip(student, teacher, adapters):
-        t = t.float()
+    for s, t in zip(student, teacher):
+        t = t.float().index_select(-1, channels.to(t.device))
+        if t.shape != s.shape:
+            raise ValueError(f"feature_loss: teacher features on the kept channels are {tuple(t.shape)}, "
+                             f"student features {tuple(s.shape)}")  # fmt: skip
         mask = ((t - t.mean()).abs() <= mask_k * t.std()).float()
         kept = mask.sum().clamp_min(1.0)
         mean = (t * mask).sum() / kept
         var = ((t - mean).pow(2) * mask).sum() / kept
-        err = (adapter(s).float() - t).pow(2) * mask
+        err = (s.float() - t).pow(2) * mask
         losses.append(err.sum() / kept / var.clamp_min(1e-12))
     return torch.stack(losses).mean()
 
 
-def map_layers(student_layers: int, teacher_layers: int) -> list[int]:
-    """Teacher block matched to each student block: uniform, end-aligned (the last matches the last)."""
-    return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+@dataclass(frozen=True)
+class FeatureMap:
+    """Which teacher block each student block came from, and the residual channels it kept (projection report)."""
+
+    teacher_layers: list[int]
+    channels: torch.Tensor
+
+    @classmethod
+    def from_report(cls, report: dict, source: str, student_layers: int, teacher: tuple[int, int]) -> FeatureMap:
+        """Read `selection.layers` / `selection.channel_indices`; `teacher` is (num_layers, dim)."""
+        selection = report.get("selection") or {}
+        layers, channels = selection.get("layers"), selection.get("channel_indices")
+        if not isinstance(layers, list) or not isinstance(channels, list):
+            raise ValueError(
+                f"{source}: expected selection.layers and selection.channel_indices (a projection report "
+                "written by this version of `wanlite project`), found none"
+            )
+        if len(layers) != student_layers or not all(0 <= i < teacher[0] for i in layers):
+            raise ValueError(
+                f"{source}: selection.layers {layers} do not map {student_layers} student blocks onto "
+                f"{teacher[0]} teacher blocks"
+            )
+        if not all(0 <= c < teacher[1] for c in channels):
+            raise ValueError(f"{source}: selection.channel_indices exceed the teacher's dim {teacher[1]}")
+        return cls(list(layers), torch.tensor(channels, dtype=torch.long))
 
 
 @contextmanager

@@ -50,8 +50,11 @@ class TrainConfig:
     guidance_high: float = _opt("CFG scale of the high-noise expert's targets", default=GUIDANCE_HIGH)
     guidance_low: float = _opt("CFG scale of the low-noise expert's targets", default=GUIDANCE_LOW)
     cfg: bool = _opt("fold classifier-free guidance into the student (guided teacher targets)", default=True)
-    gt_weight: float = _opt("weight of the ground-truth flow term eps - x0 (e.g. 0.1)", default=0.0)
-    feature_weight: float = _opt("weight of the masked, normalised feature loss at mapped layers", default=0.0)
+    gt_weight: float = _opt("weight of the ground-truth flow term eps - x0 (e.g. 0.1); unguided targets only "
+                            "(--no-cfg): eps - x0 is not a guided velocity", default=0.0)  # fmt: skip
+    feature_weight: float = _opt("weight of the masked, normalised feature loss: each student block against the "
+                                 "teacher block it was projected from, on the kept channels (needs --init from "
+                                 "`wanlite project`)", default=0.0)  # fmt: skip
     feature_mask_k: float = _opt("feature loss ignores teacher activations beyond k std devs", default=4.0)
     grad_checkpointing: bool = _opt("recompute student blocks in backward (less memory)", default=False)
     seed: int = _opt("seed of init, data order and noise", default=0)
@@ -160,6 +163,16 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name}: expected a positive integer, found {getattr(cfg, name)}")
     if not 0 <= cfg.gt_weight <= 1:
         raise ConfigError(f"gt_weight: expected a value in [0, 1], found {cfg.gt_weight}")
+    if cfg.gt_weight and cfg.cfg:
+        raise ConfigError(
+            f"gt_weight: {cfg.gt_weight} with guided targets (cfg): the ground-truth term eps - x0 is the "
+            "unguided velocity and would pull a CFG-folded student off its objective; use gt_weight 0, or --no-cfg"
+        )
+    if cfg.feature_weight and not cfg.init:
+        raise ConfigError(
+            "feature_weight: expected --init, a projected student (its projection report says which teacher "
+            "block and channels each student block came from), found a random init"
+        )
     if cfg.feature_weight < 0 or cfg.grid_every < 0 or cfg.warmup_steps < 0:
         raise ConfigError("feature_weight, grid_every, warmup_steps: expected values >= 0")
     if not 0 <= cfg.ema_decay < 1:

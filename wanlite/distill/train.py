@@ -41,7 +41,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -113,12 +112,14 @@ def scalar(value: torch.Tensor) -> float:
 
 
 class Trainable(nn.Module):
-    """What the optimizer updates: the student, plus the feature-loss adapters (never shipped)."""
+    """What the optimizer updates and checkpoints hold: the student (under `student.`).
 
-    def __init__(self, student: nn.Module, adapters: nn.ModuleList) -> None:
+    The feature loss compares on the projection's kept channels, so nothing else is trained.
+    """
+
+    def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.student = student
-        self.adapters = adapters
 
 
 @dataclass
@@ -136,6 +137,7 @@ class _Parts:
     experts: tuple[objective.Expert, objective.Expert]
     student_layers: list[int]
     teacher_layers: list[int]
+    feature_channels: torch.Tensor | None
 
 
 def load_student(cfg: TrainConfig) -> nn.Module:
@@ -146,6 +148,21 @@ def load_student(cfg: TrainConfig) -> nn.Module:
         return compact_text_padding(WanLiteStudent.from_pretrained(local_path(cfg.init), torch_dtype=torch.float32))
     torch.manual_seed(cfg.seed)  # identical random init on every rank
     return compact_text_padding(WanLiteStudent.from_arch(get_preset(cfg.preset).arch))
+
+
+def feature_map(cfg: TrainConfig, student_layers: int, teacher: nn.Module) -> objective.FeatureMap:
+    """The projection's block and channel choice, from the init's projection report."""
+    from wanlite.pipeline import local_path
+    from wanlite.projection.project import REPORT_JSON
+
+    path = local_path(cfg.init) / REPORT_JSON
+    if not path.is_file():
+        raise ConfigError(f"feature_weight: expected {path} (the init's projection report), found none")
+    dims = (len(teacher.blocks), teacher.config.num_attention_heads * teacher.config.attention_head_dim)
+    try:
+        return objective.FeatureMap.from_report(json.loads(path.read_text()), str(path), student_layers, dims)
+    except ValueError as err:
+        raise ConfigError(f"feature_weight: {err}") from None
 
 
 def load_teacher(cfg: TrainConfig, device: torch.device, mesh: Any) -> tuple[nn.Module, nn.Module]:
@@ -298,22 +315,17 @@ class _Run:
             tracker.finish(status)
 
     def _build(self) -> _Parts:
-        """Student (+ feature adapters) under FSDP2, the frozen teacher, optimizer, LR schedule, EMA, noise."""
+        """Student under FSDP2, the frozen teacher (+ the feature map), optimizer, LR schedule, EMA, noise."""
         cfg, ctx = self.cfg, self.ctx
         mesh = parallel.build_mesh(ctx.device.type, ctx.world_size, ctx.local_world_size, hsdp=cfg.hsdp)
         student = load_student(cfg).to(ctx.device)
         if cfg.grad_checkpointing:
             student.enable_gradient_checkpointing()
         high, low = load_teacher(cfg, ctx.device, mesh if ctx.world_size > 1 else None)
-        s_layers = list(range(len(student.blocks))) if cfg.feature_weight else []
-        t_layers = objective.map_layers(len(student.blocks), len(high.blocks)) if cfg.feature_weight else []
-        torch.manual_seed(cfg.seed + 1)  # adapters: identical on every rank
-        widths = [m.config.num_attention_heads * m.config.attention_head_dim for m in (student, high)]
-        adapters = nn.ModuleList(nn.Linear(*widths, bias=False) for _ in s_layers).to(ctx.device)
+        features = feature_map(cfg, len(student.blocks), high) if cfg.feature_weight else None
+        s_layers = list(range(len(student.blocks))) if features else []
         parallel.shard_trained(student, student.blocks, mesh)
-        for adapter in adapters:
-            fully_shard(adapter, mesh=mesh)
-        model = Trainable(student, adapters)
+        model = Trainable(student)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         return _Parts(
             student=student,
@@ -327,7 +339,8 @@ class _Run:
             experts=(objective.Expert(high, cfg.guidance_high if cfg.cfg else 1.0),
                      objective.Expert(low, cfg.guidance_low if cfg.cfg else 1.0)),  # fmt: skip
             student_layers=s_layers,
-            teacher_layers=t_layers,
+            teacher_layers=features.teacher_layers if features else [],
+            feature_channels=features.channels.to(ctx.device) if features else None,
         )
 
     # --- pieces of execute ---------------------------------------------------------------
@@ -383,7 +396,7 @@ class _Run:
         loss = (1 - cfg.gt_weight) * kd.mean() + cfg.gt_weight * gt.mean()
         feat = torch.zeros((), device=dev)
         if cfg.feature_weight:
-            feat = objective.feature_loss(s_feats, target.features, list(p.model.adapters), cfg.feature_mask_k)
+            feat = objective.feature_loss(s_feats, target.features, p.feature_channels, cfg.feature_mask_k)
             loss = loss + cfg.feature_weight * feat
         loss.backward()
         high = target.high.float()

@@ -10,15 +10,26 @@ The statistics are the inputs of index selection (select.py):
   output projection and the gate (a head whose output the o-projection or the
   gate scales down matters little, whatever its attention output's norm);
 - FFN neurons: the same, after the down projection and the gate;
-- q/k: per-channel energy before the RMSNorm, which sets the norm rescale.
+- q/k: per-channel energy before the RMSNorm, which sets the norm rescale;
+- the hidden units of the text and time embedding MLPs: the energy each unit
+  writes through the MLP's second layer (their own activations, not the
+  residual channel of the same index).
+
+A second pass (`collect_norm_ratios`), once the channels are chosen, measures
+how much smaller each shrunken LayerNorm's output comes out over the kept
+channels than the teacher's, which project.py folds into what follows.
 
 Timesteps follow the teacher's sampler (shift 12) and each sample is routed to
 the expert that serves its timestep (t >= 875: high-noise), so the statistics
 describe the whole range the student must cover. Both experts' statistics are
 pooled per unit: A14B's experts are fine-tunes of one base, so head h or neuron
-n is the same unit in both, whichever expert seeds the weights. Experts are streamed one
-submodule at a time (`TeacherReader.streaming_expert`), so the same code
-calibrates a tiny teacher on CPU and an A14B expert on a single GPU.
+n is the same unit in both, whichever expert seeds the weights. Each expert is
+put on the device once per pass, read one tensor at a time
+(`TeacherReader.device_expert`: host memory bounded by the largest tensor), and
+every batch it serves runs on it. The exception is a CPU run on an expert
+larger than `HOST_RESIDENT_BYTES`: holding it would break the projection's
+host-memory bound, so it is streamed (re-read per batch) instead, and the
+report says so.
 """
 
 from __future__ import annotations
@@ -37,6 +48,19 @@ from wanlite.config import BOUNDARY_RATIO, EXPERTS, NUM_TRAIN_TIMESTEPS, SAMPLE_
 log = logging.getLogger(__name__)
 
 HIGH, LOW = EXPERTS
+
+HOST_RESIDENT_BYTES = 2 * 2**30
+"""On a CPU, an expert up to 2 GiB (in the calibration dtype) is loaded once; a larger one is streamed."""
+
+
+def expert_for_pass(
+    reader: TeacherReader, expert: str, dtype: torch.dtype, device: str | torch.device
+) -> tuple[nn.Module, str]:
+    """The expert to run a calibration pass on, and how it is held ("resident" or "streamed")."""
+    size = reader.arch.num_params() * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type == "cpu" and size > HOST_RESIDENT_BYTES:
+        return reader.streaming_expert(expert, dtype=dtype, device=device), "streamed"
+    return reader.device_expert(expert, dtype=dtype, device=device), "resident"
 
 
 class CalibrationError(ValueError):
@@ -163,8 +187,10 @@ class Statistics:
     head_energy: dict[str, torch.Tensor]  # "self_attn"/"cross_attn" -> [L, H]
     neuron_energy: torch.Tensor  # [L, F]
     qk_energy: dict[str, torch.Tensor]  # "self_attn.norm_q" ... -> [L, d]
+    embedding_energy: dict[str, torch.Tensor]  # "text_embedding"/"time_embedding" -> [d] per hidden unit
     tokens: int = 0
     inputs_per_expert: dict[str, int] = field(default_factory=dict)
+    loading: dict[str, str] = field(default_factory=dict)  # expert -> "resident" (read once) or "streamed"
 
     @classmethod
     def zeros(cls, arch: WanArch) -> Statistics:
@@ -176,6 +202,7 @@ class Statistics:
             head_energy={"self_attn": z(L, H), "cross_attn": z(L, H)},
             neuron_energy=z(L, F),
             qk_energy={f"{a}.{n}": z(L, d) for a in ("self_attn", "cross_attn") for n in ("norm_q", "norm_k")},
+            embedding_energy={"text_embedding": z(d), "time_embedding": z(d)},
         )
 
 
@@ -203,29 +230,110 @@ def collect_statistics(
 ) -> Statistics:
     """Run every calibration input through its expert and accumulate `Statistics`.
 
-    Each batch re-reads the expert (it is streamed), so `batch_size` trades
-    activation memory against teacher reads.
+    Each expert is loaded onto `device` once (see `expert_for_pass`); `batch_size` bounds activation memory.
     """
     stats = Statistics.zeros(reader.arch)
     routes = route(calib.timesteps, reader.expert_names)
-    batches = [(e, rows[i : i + batch_size]) for e, rows in routes.items() for i in range(0, rows.numel(), batch_size)]
-    for expert in routes:
-        stats.inputs_per_expert[expert] = int(routes[expert].numel())
-    current, model, handles = None, None, []
-    for expert, rows in tqdm(batches, desc="calibration", unit="batch", leave=False):
-        if expert != current:
-            for handle in handles:
-                handle.remove()
-            model = reader.streaming_expert(expert, dtype=dtype, device=device)
-            handles = _attach(model, stats)
-            current = expert
-        x, t, ctx = calib.inputs(rows)
-        with torch.no_grad():
-            model(x.to(device, dtype), t.to(device), ctx.to(device, dtype), return_dict=False)
-        stats.tokens += x.shape[0] * (x.shape[3] // 2) * (x.shape[4] // 2)
-    for handle in handles:
-        handle.remove()
+    for expert, rows in routes.items():
+        stats.inputs_per_expert[expert] = int(rows.numel())
+        model, stats.loading[expert] = expert_for_pass(reader, expert, dtype, device)
+        handles = _attach(model, stats)
+        for i in tqdm(range(0, rows.numel(), batch_size), desc=f"calibration ({expert})", unit="batch", leave=False):
+            x, t, ctx = calib.inputs(rows[i : i + batch_size])
+            with torch.no_grad():
+                model(x.to(device, dtype), t.to(device), ctx.to(device, dtype), return_dict=False)
+            stats.tokens += x.shape[0] * (x.shape[3] // 2) * (x.shape[4] // 2)
+        for handle in handles:
+            handle.remove()
+        del model
     return stats
+
+
+NORM_SITES = ("norm1", "norm2", "norm3")
+"""Native names of a block's LayerNorms: norm1 before self-attn, norm2 before the FFN, norm3 (affine) before
+cross-attn. diffusers calls them norm1, norm3 and norm2."""
+_DIFFUSERS_NORM = {"norm1": "norm1", "norm2": "norm3", "norm3": "norm2"}
+
+
+@dataclass
+class NormRatios:
+    """Per student layer and LayerNorm, the calibration mean over tokens of sigma_kept / sigma_all.
+
+    A LayerNorm over the kept channels divides by their own standard deviation
+    sigma_kept instead of the teacher's sigma_all; multiplying its output by
+    this ratio restores the teacher's values on the kept channels (for each
+    token it is exactly the least-squares factor: the means drop out because
+    the kept channels' deviations from their own mean sum to zero).
+    `time_embedding_mean` [d] is the mean time embedding, where the head's
+    time-dependent scale is evaluated (see project.fold_norm_ratios).
+    """
+
+    blocks: dict[str, list[float]]  # native norm name -> per student layer
+    head: float
+    time_embedding_mean: torch.Tensor
+    tokens: int
+
+    def summary(self) -> dict:
+        return {"blocks": self.blocks, "head": self.head, "tokens": self.tokens}
+
+
+def collect_norm_ratios(
+    reader: TeacherReader,
+    calib: CalibrationSet,
+    layers: tuple[int, ...],
+    channels: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+) -> NormRatios:
+    """Second calibration pass: sigma_kept / sigma_all at the kept blocks' LayerNorm inputs and the head's."""
+    eps = reader.arch.eps
+    sums = {n: torch.zeros(len(layers), dtype=torch.float64) for n in NORM_SITES}
+    head, count, tokens = torch.zeros((), dtype=torch.float64), 0, 0
+    kept = channels.to(device)
+
+    def ratio_sum(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        sigma_all = (x.var(-1, unbiased=False) + eps).sqrt()
+        sigma_kept = (x[..., kept].var(-1, unbiased=False) + eps).sqrt()
+        return (sigma_kept / sigma_all).double().sum().cpu()
+
+    temb_sum = torch.zeros(reader.arch.dim, dtype=torch.float64)
+
+    def on_input(module: nn.Module, add) -> torch.utils.hooks.RemovableHandle:
+        def pre(_module: nn.Module, args: tuple) -> None:  # must return None: a value would replace the input
+            add(ratio_sum(args[0]))
+
+        return module.register_forward_pre_hook(pre)
+
+    def keep_temb(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        temb_sum.add_(out.detach().float().sum(0).double().cpu())
+
+    for expert, rows in route(calib.timesteps, reader.expert_names).items():
+        model, _ = expert_for_pass(reader, expert, dtype, device)
+        handles = [
+            on_input(getattr(model.blocks[layer], _DIFFUSERS_NORM[name]), sums[name][j : j + 1].add_)
+            for j, layer in enumerate(layers)
+            for name in NORM_SITES
+        ]
+        handles.append(on_input(model.norm_out, head.add_))
+        handles.append(model.condition_embedder.time_embedder.register_forward_hook(keep_temb))
+        for i in range(0, rows.numel(), batch_size):
+            x, t, ctx = calib.inputs(rows[i : i + batch_size])
+            with torch.no_grad():
+                model(x.to(device, dtype), t.to(device), ctx.to(device, dtype), return_dict=False)
+            tokens += x.shape[0] * (x.shape[3] // 2) * (x.shape[4] // 2)
+            count += x.shape[0]
+        for handle in handles:
+            handle.remove()
+        del model
+    return NormRatios(
+        blocks={n: (sums[n] / tokens).tolist() for n in NORM_SITES},
+        head=float(head / tokens),
+        time_embedding_mean=(temb_sum / count).float(),
+        tokens=tokens,
+    )
 
 
 def _attach(model: nn.Module, stats: Statistics) -> list[torch.utils.hooks.RemovableHandle]:
@@ -263,6 +371,14 @@ def _attach(model: nn.Module, stats: Statistics) -> list[torch.utils.hooks.Remov
             ))
         down = block.ffn.net[2]
         hook(down, lambda a, down=down, i=i: add(stats.neuron_energy, i, _neuron_energy(a, down.weight, gates[i][1])))
+    for name, mlp in (
+        ("text_embedding", model.condition_embedder.text_embedder),
+        ("time_embedding", model.condition_embedder.time_embedder),
+    ):
+        second = mlp.linear_2
+        hook(second, lambda a, second=second, name=name: stats.embedding_energy[name].add_(
+            _unit_energy(a, second.weight).double().cpu()
+        ))  # fmt: skip
     depth = len(model.blocks)
     hook(model.norm_out, lambda a: add(stats.residual_energy, depth, a.float().pow(2).sum((0, 1))))
     hook(model.proj_out, lambda a: add(stats.site_energy, 3 * depth, a.float().pow(2).sum((0, 1))))
@@ -287,6 +403,11 @@ def _head_energy(heads_out: torch.Tensor, w_o: torch.Tensor, num_heads: int, gat
         gram = torch.einsum("dhk,dhl->hkl", wg, wg)
         energy += (torch.einsum("thk,hkl->thl", a[b], gram) * a[b]).sum((0, 2))
     return energy
+
+
+def _unit_energy(act: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of ||W[:, n] a_n||^2 per hidden unit n: what each unit writes through `w_out`."""
+    return act.float().pow(2).flatten(0, -2).sum(0) * w_out.float().pow(2).sum(0)
 
 
 def _neuron_energy(act: torch.Tensor, w_down: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,14 @@ from wanlite.checkpoint.reader import TeacherReader
 from wanlite.checkpoint.transformer_keys import native_tensor_shapes, native_to_diffusers_names
 from wanlite.config import EXPERTS, WanArch, get_preset, validate_student
 from wanlite.projection import slicing
-from wanlite.projection.calibrate import CalibrationSet, build_calibration_set, collect_statistics, high_noise_share
+from wanlite.projection.calibrate import (
+    CalibrationSet,
+    NormRatios,
+    build_calibration_set,
+    collect_norm_ratios,
+    collect_statistics,
+    high_noise_share,
+)
 from wanlite.projection.select import Selection, importance_selection, uniform_selection
 from wanlite.sampling import save_sampling, student_sampling
 from wanlite.student import WanLiteStudent
@@ -40,7 +47,7 @@ EXPERT_CHOICES = {"low": (LOW,), "high": (HIGH,), "mix": (HIGH, LOW)}
 REPORT_JSON = "projection_report.json"
 REPORT_MD = "projection_report.md"
 DEFAULT_IMAGE_SIZE = 64
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 class ProjectionError(ValueError):
@@ -59,6 +66,7 @@ class ProjectionJob:
     calib: CalibrationSet | None
     dtype: torch.dtype
     fingerprint: str
+    fixes: dict[str, bool]
 
 
 def prepare_projection(
@@ -74,14 +82,24 @@ def prepare_projection(
     image_size: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    calib_random: bool = False,
+    norm_ratios: bool = True,
+    rank_embedding_units: bool = True,
 ) -> ProjectionJob:
     """Every check that can fail on bad input, and the result's fingerprint; reads headers only.
 
     `preset_or_arch` is a preset name or a `WanArch`. `expert="mix"` blends
     both experts tensor by tensor, weighting the high-noise expert by the share
     of shifted timesteps it serves (63.2%). `calib_latents` [N,16,h,w] (clean,
-    normalised) and `calib_context` [N,L<=512,text_dim] replace the default
-    random calibration inputs (N x `timesteps_per_sample` teacher passes).
+    normalised) and `calib_context` [N,L<=512,text_dim] are the calibration
+    inputs (N x `timesteps_per_sample` teacher passes): the pipeline's own
+    teacher samples and prompt embeddings. An importance projection without
+    them needs `calib_random=True`, and its report says the inputs were random.
+
+    The projection fixes, each switchable for an ablation (False = the
+    behaviour before it): `norm_ratios` folds a calibrated sigma_kept/sigma_all
+    ratio into what follows every shrunken LayerNorm; `rank_embedding_units`
+    ranks the embedding MLPs' hidden units by their own activations.
     """
     student, default_size = _resolve_student(preset_or_arch)
     reader = TeacherReader(teacher_dir)
@@ -89,6 +107,12 @@ def prepare_projection(
     sources = _seed_experts(expert, method, reader)
     calib = None
     if method == "importance":
+        if calib_latents is None and not calib_random:
+            raise ProjectionError(
+                "calibration: expected the pipeline's own data (calib_latents: teacher-data latents, with "
+                "calib_context: their prompt embeddings; CLI --calib-data or --data/--embeddings), found none; "
+                "pass calib_random=True (--calib-random) to rank on random inputs"
+            )
         calib = build_calibration_set(
             reader.arch,
             num_samples=calib_samples,
@@ -98,8 +122,10 @@ def prepare_projection(
             context=calib_context,
             seed=seed,
         )
-    fingerprint = _fingerprint(reader, student, method, expert, calib, dtype)
-    return ProjectionJob(reader, student, method, expert, sources, calib, dtype, fingerprint)
+    fixes = {"norm_ratios": norm_ratios and method == "importance",
+             "rank_embedding_units": rank_embedding_units and method == "importance"}  # fmt: skip
+    fingerprint = _fingerprint(reader, student, method, expert, calib, dtype, fixes)
+    return ProjectionJob(reader, student, method, expert, sources, calib, dtype, fingerprint, fixes)
 
 
 def run_projection(
@@ -118,10 +144,16 @@ def run_projection(
         return existing
     reader, student = job.reader, job.student
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    calibration = None
+    calibration, ratios = None, None
     if job.calib is not None:
         stats = collect_statistics(reader, job.calib, device=device, batch_size=calib_batch)
-        selection = importance_selection(stats, reader.arch, student)
+        selection = importance_selection(
+            stats, reader.arch, student, rank_embedding_units=job.fixes["rank_embedding_units"]
+        )
+        if job.fixes["norm_ratios"]:
+            ratios = collect_norm_ratios(
+                reader, job.calib, selection.layers, selection.channels, device=device, batch_size=calib_batch
+            )
         calibration = {
             "source": job.calib.source,
             "samples": int(job.calib.latents.shape[0]),
@@ -129,12 +161,15 @@ def run_projection(
             "latent_shape": list(job.calib.latents.shape[1:]),
             "timesteps": [round(float(t), 3) for t in job.calib.timesteps],
             "inputs_per_expert": stats.inputs_per_expert,
+            "expert_loading": stats.loading,
             "tokens": stats.tokens,
             "sha256": job.calib.digest(),
         }
     else:
         selection = uniform_selection(reader.arch, student)
     state, entries = build_student_state(reader, student, selection, job.sources, job.dtype)
+    if ratios is not None:
+        fold_norm_ratios(state, entries, ratios, selection.channels)
     report = {
         "version": REPORT_VERSION,
         "fingerprint": job.fingerprint,
@@ -151,6 +186,8 @@ def run_projection(
         "dtype": str(job.dtype).removeprefix("torch."),
         "selection": selection.summary(),
         "calibration": calibration,
+        "fixes": dict(job.fixes),
+        "norm_ratios": None if ratios is None else ratios.summary(),
         "tensors": entries,
         "totals": _totals(entries, student),
     }
@@ -285,7 +322,13 @@ def _seed_experts(expert: str, method: str, reader: TeacherReader) -> dict[str, 
 
 
 def _fingerprint(
-    reader: TeacherReader, student: WanArch, method: str, expert: str, calib: CalibrationSet | None, dtype: torch.dtype
+    reader: TeacherReader,
+    student: WanArch,
+    method: str,
+    expert: str,
+    calib: CalibrationSet | None,
+    dtype: torch.dtype,
+    fixes: dict[str, bool],
 ) -> str:
     identity = {
         "version": REPORT_VERSION,
@@ -295,6 +338,7 @@ def _fingerprint(
         "expert": expert,
         "calibration": calib.digest() if calib is not None else None,
         "dtype": str(dtype),
+        "fixes": fixes,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -353,6 +397,59 @@ def build_student_state(
     return state, entries
 
 
+SCALE_CHUNKS = {"norm1": 1, "norm2": 4}
+"""Modulation chunk holding the scale applied after each non-affine block LayerNorm (shift, scale, gate x2)."""
+
+
+def fold_norm_ratios(
+    state: dict[str, torch.Tensor], entries: list[dict[str, Any]], ratios: NormRatios, channels: torch.Tensor
+) -> None:
+    """Fold each shrunken LayerNorm's sigma_kept/sigma_all ratio r into what follows it (native names, in place).
+
+    norm1 and norm2 (no affine) are followed by `x (1 + scale) + shift` with
+    scale = modulation chunk + time_projection chunk; `r (1 + scale) - 1` is
+    exact when the modulation chunk becomes `r (1 + m) - 1` and the matching
+    time_projection rows are multiplied by r. time_projection is shared by
+    every block, so one r per norm (the mean over the kept blocks) is folded:
+    exact, and the per-block spread stays in the report. norm3 is affine: its
+    weight takes its own block's r, exactly. The head's scale is
+    `modulation + e(t)` with e the time embedding, which also feeds
+    time_projection, so its r is folded into the modulation at the
+    calibration-mean e: exact where e(t) equals that mean, off by (r - 1)(e - mean) elsewhere.
+    """
+    d = state["head.modulation"].shape[-1]
+    applied: dict[str, list[str]] = {}
+
+    def put(name: str, value: torch.Tensor, how: str) -> None:
+        state[name] = value.to(state[name].dtype).contiguous()
+        applied.setdefault(name, []).append(how)
+
+    for norm, chunk in SCALE_CHUNKS.items():
+        r = sum(ratios.blocks[norm]) / len(ratios.blocks[norm])
+        if r == 1.0:
+            continue
+        rows = slice(chunk * d, (chunk + 1) * d)
+        for name in [k for k in state if k.endswith(".modulation") and k.startswith("blocks.")]:
+            value = state[name].float().clone()
+            value[:, chunk] = r * (1 + value[:, chunk]) - 1
+            put(name, value, f"{norm} ratio {r:.6g} folded into scale chunk {chunk}: r (1 + m) - 1")
+        for name in ("time_projection.1.weight", "time_projection.1.bias"):
+            value = state[name].float().clone()
+            value[rows] *= r
+            put(name, value, f"rows of chunk {chunk} x {norm} ratio {r:.6g}")
+    for j, r in enumerate(ratios.blocks["norm3"]):
+        name = f"blocks.{j}.norm3.weight"
+        if r != 1.0 and name in state:
+            put(name, state[name].float() * r, f"x norm3 ratio {r:.6g} (sigma_kept/sigma_all)")
+    if ratios.head != 1.0:
+        r, mean = ratios.head, ratios.time_embedding_mean[channels].float()
+        value = state["head.modulation"].float().clone()
+        value[:, 1] = r * (1 + value[:, 1] + mean) - 1 - mean
+        put("head.modulation", value, f"head norm ratio {r:.6g} folded into the scale chunk at the mean e(t)")
+    for entry in entries:
+        entry["method"] += "".join(f"; {how}" for how in applied.get(entry["tensor"], []))
+
+
 def _totals(entries: list[dict[str, Any]], student: WanArch) -> dict[str, int]:
     expected = native_tensor_shapes(student)
     projected = {e["tensor"] for e in entries}
@@ -360,7 +457,7 @@ def _totals(entries: list[dict[str, Any]], student: WanArch) -> dict[str, int]:
         "tensors": len(expected),
         "parameters": student.num_params(),
         "from_teacher": len(projected),
-        "rescaled": sum("RMSNorm" in e["method"] for e in entries),
+        "rescaled": sum("RMSNorm" in e["method"] or "ratio" in e["method"] for e in entries),
         "randomly_initialised": len(set(expected) - projected),
     }
 
@@ -408,6 +505,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"- depth: {sel['depth']}; teacher blocks {sel['layers']}",
         f"- residual channels kept: {sel['channels']} (massive-activation channels kept: {sel['outlier_channels']})",
         f"- calibration: {_calibration_line(report['calibration'])}",
+        *_fixes_lines(report),
         f"- totals: {tot['tensors']} tensors, {tot['parameters']:,} parameters, {tot['from_teacher']} from the "
         f"teacher, {tot['rescaled']} rescaled, **{tot['randomly_initialised']} randomly initialised**",
         f"- wall time: {report['wall_s']} s; peak RSS: {report['peak_rss_mb']} MB",
@@ -426,5 +524,16 @@ def _calibration_line(calibration: dict[str, Any] | None) -> str:
     return (
         f"{calibration['samples']} samples ({calibration['source']}) x "
         f"{calibration['inputs'] // calibration['samples']} timesteps, per expert "
-        f"{calibration['inputs_per_expert']}, sha256 {calibration['sha256'][:16]}"
+        f"{calibration['inputs_per_expert']}, experts {calibration.get('expert_loading')}, "
+        f"sha256 {calibration['sha256'][:16]}"
     )
+
+
+def _fixes_lines(report: dict[str, Any]) -> list[str]:
+    fixes, ratios = report.get("fixes", {}), report.get("norm_ratios")
+    lines = ["- fixes: " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in fixes.items())]
+    if ratios is not None:
+        blocks = "; ".join(f"{k} {[round(r, 4) for r in v]}" for k, v in ratios["blocks"].items())
+        lines.append(f"- LayerNorm sigma_kept/sigma_all per student block: {blocks}; head {ratios['head']:.4f} "
+                     f"({ratios['tokens']} calibration tokens)")  # fmt: skip
+    return lines

@@ -41,6 +41,12 @@ class Selection:
     neurons: tuple[torch.Tensor, ...]  # FFN neurons per student layer
     qk_scale: dict[str, tuple[float, ...]]  # "self_attn.norm_q", ... -> RMSNorm weight factor per student layer
     outliers: tuple[int, ...] = ()  # massive-activation channels forced into `channels`
+    embedding_units: dict[str, torch.Tensor] | None = None  # "text_embedding"/"time_embedding" -> hidden units
+    # kept; None: the residual channel set, the uniform baseline's (and the pre-ranking) choice
+
+    def embedding_hidden(self, mlp: str) -> torch.Tensor:
+        """Hidden units kept in an embedding MLP (text_embedding.0 -> .2, time_embedding.0 -> .2)."""
+        return self.channels if self.embedding_units is None else self.embedding_units[mlp]
 
     def head_channels(self, attn: str, layer: int) -> torch.Tensor:
         """Rows of q/k/v (and columns of o) belonging to the kept heads: whole 128-wide heads."""
@@ -52,11 +58,15 @@ class Selection:
             "depth": "uniform: first and last block kept, the rest evenly spaced",
             "layers": list(self.layers),
             "channels": len(self.channels),
+            "channel_indices": self.channels.tolist(),
             "outlier_channels": list(self.outliers),
             "heads": {a: [list(h) for h in hs] for a, hs in self.heads.items()},
             "neurons_per_layer": [len(n) for n in self.neurons],
             "qk_scale": {k: list(v) for k, v in self.qk_scale.items()},
-        }
+            "embedding_hidden_units": "the residual channel set" if self.embedding_units is None
+            else "ranked by their own activations (energy written through the MLP's second layer)",
+            "embedding_units": {k: self.embedding_hidden(k).tolist() for k in ("text_embedding", "time_embedding")},
+        }  # fmt: skip
 
 
 def uniform_layers(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
@@ -81,9 +91,18 @@ def uniform_selection(teacher: WanArch, student: WanArch) -> Selection:
 
 
 def importance_selection(
-    stats: Statistics, teacher: WanArch, student: WanArch, outlier_ratio: float = OUTLIER_RATIO
+    stats: Statistics,
+    teacher: WanArch,
+    student: WanArch,
+    outlier_ratio: float = OUTLIER_RATIO,
+    *,
+    rank_embedding_units: bool = True,
 ) -> Selection:
-    """Minitron-style selection from calibration statistics (see calibrate.py for what they measure)."""
+    """Minitron-style selection from calibration statistics (see calibrate.py for what they measure).
+
+    `rank_embedding_units=False` keeps the embedding MLPs' hidden units at the
+    residual channel indices (the behaviour before they were ranked on their own).
+    """
     layers = uniform_layers(teacher.num_layers, student.num_layers)
     outliers = massive_channels(stats.residual_energy, outlier_ratio)
     channels = select_channels(channel_scores(stats.site_energy, layers), student.dim, outliers)
@@ -98,7 +117,10 @@ def importance_selection(
         for name in QK_NORMS
     }
     kept_outliers = tuple(c for c in outliers if c in set(channels.tolist()))
-    return Selection("importance", layers, channels, heads, neurons, qk_scale, kept_outliers)
+    units = None
+    if rank_embedding_units:
+        units = {k: torch.tensor(top_k(e, student.dim)) for k, e in stats.embedding_energy.items()}
+    return Selection("importance", layers, channels, heads, neurons, qk_scale, kept_outliers, units)
 
 
 def channel_scores(site_energy: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:

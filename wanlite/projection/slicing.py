@@ -6,7 +6,9 @@ reads or writes the residual stream, and every per-channel vector living in it
 the embeddings' outputs), takes the SAME channel set `C`; attention tensors take
 the kept heads' 128-wide channel blocks; FFN tensors take the kept neurons.
 The embeddings' hidden layers (text_embedding.0 -> .2, time_embedding.0 -> .2)
-are sized `dim` and use `C` too, which keeps one index set for every `dim` axis.
+are sized `dim` but are not residual channels: they take their own hidden-unit
+sets (`T`, `M`), ranked by their own activations (or `C` again, the uniform
+baseline's choice).
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ import torch
 from wanlite.projection.select import Selection
 
 # index-set codes: C residual channels, C6 the six dim-sized chunks of time_projection,
-# S/X self-/cross-attention head channels, N FFN neurons; "" = axis kept whole.
+# S/X self-/cross-attention head channels, N FFN neurons, T/M text/time embedding hidden units;
+# "" = axis kept whole.
 _RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"patch_embedding\.weight", ("C", "", "", "", "")),
-    (r"(patch_embedding|text_embedding\.0|time_embedding\.0)\.bias", ("C",)),
-    (r"(text_embedding|time_embedding)\.0\.weight", ("C", "")),
-    (r"(text_embedding|time_embedding)\.2\.weight", ("C", "C")),
+    (r"patch_embedding\.bias", ("C",)),
+    (r"text_embedding\.0\.bias", ("T",)),
+    (r"time_embedding\.0\.bias", ("M",)),
+    (r"text_embedding\.0\.weight", ("T", "")),
+    (r"time_embedding\.0\.weight", ("M", "")),
+    (r"text_embedding\.2\.weight", ("C", "T")),
+    (r"time_embedding\.2\.weight", ("C", "M")),
     (r"(text_embedding|time_embedding)\.2\.bias", ("C",)),
     (r"time_projection\.1\.weight", ("C6", "C")),
     (r"time_projection\.1\.bias", ("C6",)),
@@ -51,6 +58,8 @@ _NAMES = {
     "S": "kept self-attn heads",
     "X": "kept cross-attn heads",
     "N": "kept FFN neurons",
+    "T": "kept text-embedding hidden units",
+    "M": "kept time-embedding hidden units",
 }
 
 
@@ -81,6 +90,8 @@ def plan(student_name: str, selection: Selection, teacher_dim: int) -> Plan:
     sets = {
         "C": selection.channels,
         "C6": torch.cat([selection.channels + k * teacher_dim for k in range(6)]),
+        "T": selection.embedding_hidden("text_embedding"),
+        "M": selection.embedding_hidden("time_embedding"),
     }
     if j is not None:
         sets["S"] = selection.head_channels("self_attn", j)
