@@ -26,10 +26,15 @@ on the explicit sigmas, `x <- x + (sigma_next - sigma) v`, ending at sigma 0 wit
 `x0 = x - sigma_last v`. Training simulates exactly that update
 (`test_steps.py` checks the two agree).
 
-Same machinery as `distill`: FSDP2 on the generator and the critic (and the
-teacher across ranks), bf16 autocast on CUDA, checkpoints in the store with exact
-resume (one optimizer over both models: a model without gradients is skipped by
-AdamW, so one state dict holds both), MLflow on rank 0, a progress bar.
+Same machinery as `distill`: models placed by `parallel` (the generator and the
+critic under FSDP2, per block; the frozen teacher built sharded from the rows
+each rank reads when there is more than one rank; HSDP when the job spans
+several nodes), bf16 autocast on CUDA, checkpoints written, uploaded, verified
+and read by `checkpointing.CheckpointManager` (exact resume; one optimizer over
+both models: a model without gradients is skipped by AdamW, so one state dict
+holds both), MLflow on rank 0, a progress bar. Whether a teacher expert runs
+in an update is decided from the whole batch (`parallel.experts_to_run`), so
+every rank enters every sharded expert's forward.
 """
 
 from __future__ import annotations
@@ -53,11 +58,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 
 from wanlite.config import SAMPLE_SHIFT, ConfigError, WanArch
-from wanlite.distill import checkpointing, objective
+from wanlite.distill import checkpointing, objective, parallel
 from wanlite.distill.data import BatchOrder, EmbeddingSet
 from wanlite.distill.options import add_arguments, check_resumable, config_from_args, config_to_argv
 from wanlite.distill.steps_options import REQUIRED, StepsConfig, default_run_name, fingerprint, validate
@@ -70,7 +74,6 @@ from wanlite.distill.train import (
     load_teacher,
     lr_lambda,
     scalar,
-    shard,
 )
 from wanlite.text_padding import compact_text_padding
 
@@ -222,22 +225,33 @@ class _Run:
         self.fp = fingerprint(cfg, ctx.world_size, emb.digest)
         self.run_name = cfg.run_name or default_run_name(cfg, self.fp)
         self.run_key = f"runs/{self.run_name}"
-        start = self._check_run_state()
+        self._refuse_to_overwrite()
         finished = final_result(self.store, self.run_key)
-        if finished is not None:
+        if finished is not None:  # --resume of a run that already published its student (by this config?)
+            latest = checkpointing.latest_checkpoint(self.store, self.run_key)
+            if latest is not None:
+                state = checkpointing.read_trainer_state(self.store, latest[1])
+                check_resumable(self.fp, state["fingerprint"], self.store.uri(latest[1]))
             log.info("run %s is already finished: %s", self.run_name, finished["student_uri"])
             return finished
+        ckpt = checkpointing.CheckpointManager(self.store, self.run_key,
+                                               checkpointing.staging_folder(self._staging_root(), self.run_name))
+        try:
+            return self._train(ckpt, emb)
+        finally:
+            ckpt.close()
 
+    def _train(self, ckpt: checkpointing.CheckpointManager, emb: EmbeddingSet) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        restored = self._restore(ckpt)
+        start = restored.step if restored else 0
         p = self._build()
         log_state: dict[str, Any] = {"history": {"step": [], "loss_generator": [], "loss_critic": []},
                                      "metrics": {}, "mlflow_run_id": None}  # fmt: skip
-        if start:
-            state = checkpointing.load_checkpoint(
-                store=self.store, key=checkpointing.checkpoint_key(self.run_key, start),
-                model=p.pair, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
-            )  # fmt: skip
-            p.scheduler.load_state_dict(state["scheduler"])
-            log_state = {k: state[k] for k in log_state}
+        if restored:
+            ckpt.load(restored, model=p.pair, optimizer=p.optimizer, ema=p.ema, noise=p.noise)
+            p.scheduler.load_state_dict(restored.trainer_state["scheduler"])
+            log_state = {k: restored.trainer_state[k] for k in log_state}
             log.info("resumed %s from step %d", self.run_name, start)
 
         tracker = Tracker(ctx.is_main, cfg.mlflow_uri, cfg.experiment)
@@ -278,10 +292,8 @@ class _Run:
                 if grid is not None and (done % cfg.grid_every == 0 or done == cfg.steps):
                     grid.log(done)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    checkpointing.save_checkpoint(
-                        store=self.store, key=checkpointing.checkpoint_key(self.run_key, done),
-                        staging=self._staging() / f"step-{done:08d}",
-                        model=p.pair, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
+                    ckpt.save(
+                        done, model=p.pair, optimizer=p.optimizer, ema=p.ema, noise=p.noise,
                         trainer_state={"step": done, "scheduler": p.scheduler.state_dict(), "fingerprint": self.fp,
                                        **log_state},
                     )  # fmt: skip
@@ -293,18 +305,17 @@ class _Run:
             tracker.finish(status)
 
     def _build(self) -> _Parts:
+        """Generator and critic under FSDP2, the frozen teacher sharded (one rank: whole), optimizer, EMA, noise."""
         cfg, ctx = self.cfg, self.ctx
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        mesh = parallel.build_mesh(ctx.device.type, ctx.world_size, ctx.local_world_size, hsdp=cfg.hsdp)
         generator = load_model(cfg.student).to(ctx.device)
         critic = load_model(cfg.critic or cfg.student).to(ctx.device)
         check_same_architecture(generator, critic, cfg)
-        high, low = load_teacher(cfg, ctx.device)  # type: ignore[arg-type]  # reads cfg.teacher only
-        shard(generator, generator.blocks, mesh)
-        shard(critic, critic.blocks, mesh)
+        # load_teacher reads cfg.teacher only
+        high, low = load_teacher(cfg, ctx.device, mesh if ctx.world_size > 1 else None)  # type: ignore[arg-type]
+        parallel.shard_trained(generator, generator.blocks, mesh)
+        parallel.shard_trained(critic, critic.blocks, mesh)
         ema = checkpointing.EMA(generator, cfg.ema_decay)
-        if ctx.world_size > 1:
-            shard(high, high.blocks, mesh)
-            shard(low, low.blocks, mesh)
         optimizer = torch.optim.AdamW(
             [{"params": list(generator.parameters()), "lr": cfg.lr},
              {"params": list(critic.parameters()), "lr": cfg.critic_lr}],
@@ -322,23 +333,29 @@ class _Run:
             noise=torch.Generator().manual_seed(cfg.seed + 2),
         )
 
-    def _check_run_state(self) -> int:
-        """The step to start from: 0 for a new run, the latest complete checkpoint with --resume."""
-        latest = checkpointing.latest_checkpoint(self.store, self.run_key)
-        if latest is None:
-            return 0
-        step, key = latest
-        if not self.cfg.resume:
+    def _refuse_to_overwrite(self) -> None:
+        """Without --resume, a run that has written anything is an error (nothing is overwritten)."""
+        steps = checkpointing.checkpoint_steps(self.store, self.run_key)
+        if steps and not self.cfg.resume:
             raise ConfigError(
-                f"run {self.run_name}: {self.store.uri(key)} already exists; pass --resume to continue "
-                "(or to fetch the result of) that run, or choose another --run-name (nothing was overwritten)"
+                f"run {self.run_name}: {self.store.uri(checkpointing.checkpoint_key(self.run_key, steps[0]))} already "
+                "exists; pass --resume to continue (or to fetch the result of) that run, or choose another "
+                "--run-name (nothing was overwritten)"
             )
-        check_resumable(self.fp, checkpointing.read_trainer_state(self.store, key)["fingerprint"], self.store.uri(key))
-        return step
 
-    def _staging(self) -> Path:
-        root = Path(self.cfg.staging_dir) if self.cfg.staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
-        return root / self.run_name
+    def _restore(self, ckpt: checkpointing.CheckpointManager) -> checkpointing.Restored | None:
+        """The newest good checkpoint with --resume (verified on every rank, written by this config), else None."""
+        if not self.cfg.resume:
+            return None
+        restored = ckpt.restore()
+        if restored is None:
+            log.info("--resume: nothing to resume under %s yet; starting at step 0", self.store.uri(self.run_key))
+            return None
+        check_resumable(self.fp, restored.trainer_state["fingerprint"], self.store.uri(restored.key))
+        return restored
+
+    def _staging_root(self) -> Path:
+        return Path(self.cfg.staging_dir) if self.cfg.staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
 
     # --- one update ------------------------------------------------------------------------
 
@@ -353,11 +370,11 @@ class _Run:
         mine = self.order.rank_slice(ctx.rank)
         rows = self.order.global_indices(batch_index)[mine]
         context, negative = emb.compact(rows, with_negative=True)
-        high_all = objective.routes_high(objective.to_timestep(sigma))
+        run_high, run_low = parallel.experts_to_run(objective.to_timestep(sigma), objective.routes_high)
         return {
             "stop": stop, "noise": noise[mine].to(dev), "sigma": sigma[mine].to(dev), "eps": eps[mine].to(dev),
             "context": context.to(dev), "negative": negative.to(dev),
-            "run_high": bool(high_all.any()), "run_low": bool((~high_all).any()),
+            "run_high": run_high, "run_low": run_low,  # the whole batch decides
         }  # fmt: skip
 
     def _critic_update(
@@ -537,10 +554,19 @@ class _Grid:
 # --- launching -------------------------------------------------------------------------------
 
 
-def torchrun_command(cfg: StepsConfig, nproc: int) -> list[str]:
-    """`torchrun --standalone --nproc-per-node N -m wanlite.distill.steps <flags>` with this interpreter."""
+def torchrun_command(cfg: StepsConfig, nproc: int, *, nnodes: int = 1, rendezvous: str | None = None) -> list[str]:
+    """`torchrun ... --nproc-per-node N -m wanlite.distill.steps <flags>` with this interpreter.
+
+    One node: `--standalone`. Several: run this command once per node with the
+    same `rendezvous` (`host:port` of the c10d rendezvous store) and `nnodes`.
+    """
+    if rendezvous is None:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
+                 f"--rdzv-id={cfg.run_name or 'wanlite-steps'}"]  # fmt: skip
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
         "-m", "wanlite.distill.steps", *config_to_argv(cfg),
     ]  # fmt: skip
 

@@ -71,8 +71,10 @@ class StepsConfig:
                                   default=None)  # fmt: skip
     experiment: str = _opt("MLflow experiment name", default=DEFAULT_EXPERIMENT)
     resume: bool = _opt("continue the run from its latest complete checkpoint", default=False)
-    staging_dir: str | None = _opt("local directory for checkpoint staging (must be visible to rank 0)",
-                                   default=None)  # fmt: skip
+    staging_dir: str | None = _opt("node-local directory for checkpoint staging (a folder per run and launch is "
+                                   "made in it; default: the system temp directory)", default=None)  # fmt: skip
+    hsdp: bool | None = _opt("shard within a node and replicate across nodes (HSDP); --no-hsdp shards over every "
+                             "rank (default: HSDP when the job spans more than one node)", default=None)  # fmt: skip
     progress: bool = _opt("show a progress bar on rank 0", default=True)
 
 
