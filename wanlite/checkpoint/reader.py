@@ -33,6 +33,7 @@ from wanlite.checkpoint.layout import (
     SINGLE_SHARD,
     LayoutError,
     detect_layout,
+    is_shard_name,
 )
 from wanlite.checkpoint.transformer_keys import (
     diffusers_to_native_names,
@@ -68,6 +69,11 @@ def _weight_map(folder: Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise TeacherReadError(f"{index}: expected a non-empty 'weight_map', found {weight_map!r}")
+        escaping = sorted({str(shard) for shard in weight_map.values() if not is_shard_name(shard)})
+        if escaping:
+            raise TeacherReadError(
+                f"{index}: weight_map: expected shard file names inside {folder}, found {', '.join(escaping[:3])}"
+            )
         return {name: folder / shard for name, shard in weight_map.items()}
     if single.is_file():
         with safe_open(str(single), framework="pt") as fh:
