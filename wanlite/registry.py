@@ -27,6 +27,7 @@ from wanlite import __version__
 from wanlite.config import CANDIDATE, CHAMPION
 from wanlite.evaluate import REPORT_JSON
 from wanlite.export import EXPORT_REPORT, dir_sha256, file_sha256, preset_for, read_export, student_arch
+from wanlite.mlflow_uri import require_reachable
 from wanlite.pipeline import local_path
 
 log = logging.getLogger(__name__)
@@ -174,10 +175,15 @@ def register(
     """Log the run, create the model version, set aliases; return a registration report."""
     from mlflow import MlflowClient
 
+    require_reachable(tracking_uri)
     arch = student_arch(shipment.student_dir)
     preset = preset or _preset_name(arch, shipment.student_dir)
     teacher_sha256 = teacher_sha256 or shipment.export_report.get("metadata", {}).get("teacher_sha256")
     client = MlflowClient(tracking_uri=tracking_uri)
+    existing = registered_version(client, model_name(preset), shipment)
+    if existing is not None:  # the same shipment registered again: no second run, no second version
+        log.info("%s is already registered as %s", shipment.export_file.name, existing["uri"])
+        return existing
     run = client.create_run(_experiment_id(client, experiment), run_name=f"register-{preset}")
     run_id = run.info.run_id
     try:
@@ -187,6 +193,28 @@ def register(
         client.set_terminated(run_id, "FAILED")
         raise
     return _create_version(client, run, shipment, model_name(preset), teacher_sha256, data_hash)
+
+
+def registered_version(client: Any, name: str, ship: Shipment) -> dict[str, Any] | None:
+    """The version already registered for this shipment (same ComfyUI file, student and score), or None."""
+    from mlflow.exceptions import MlflowException
+
+    sha = ship.export_report["sha256"]
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.{COMFYUI_SHA_TAG} = '{sha}'")
+    except MlflowException:  # no such model yet
+        return None
+    same = [
+        v for v in found
+        if v.tags.get("student_sha256") == ship.roundtrip_report["student_sha256"]
+        and v.tags.get(SCORE_TAG) == repr(float(ship.eval_report["score"]))
+    ]  # fmt: skip
+    if not same:
+        return None
+    version = min(same, key=lambda v: int(v.version))
+    aliases = list(client.get_model_version(name, version.version).aliases)
+    return {"kind": "register", "name": name, "version": version.version, "uri": f"models:/{name}/{version.version}",
+            "run_id": version.run_id, "aliases": aliases, "existing": True}  # fmt: skip
 
 
 def arch_params(

@@ -1,0 +1,85 @@
+"""MLflow tracking URIs: credentials redacted before anything is logged, stored or raised; a fast reachability check.
+
+A tracking URI may carry a password (`http://user:PASSWORD@host`). wanlite
+never writes one anywhere: log lines, MLflow run params, manifests and error
+messages get `redact_uri` / `redact_text`. MLflow itself reads credentials
+from the URI or from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (the
+better place: they never appear in a command line or a Prefect parameter).
+
+MLflow's HTTP client retries a refused connection for minutes (7 retries with
+exponential backoff by default) before it fails; `require_reachable` asks the
+server's `/health` once, with a short timeout, so an unreachable server is
+reported in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+REACHABLE_TIMEOUT_S = 5.0
+"""Seconds to wait for the server's /health before calling it unreachable."""
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow server cannot be used (unreachable, refused the request); the message holds no credential."""
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """uri without its `user:password@` part (None stays None)."""
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"***@{netloc}", parts.path, parts.query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Every `scheme://user:password@` in a message (an exception's text, a log line) with the userinfo hidden."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
+
+
+def require_reachable(uri: str | None) -> None:
+    """Raise TrackingError within REACHABLE_TIMEOUT_S when an http(s) tracking server does not answer.
+
+    uri None means MLflow's own default, $MLFLOW_TRACKING_URI.
+    Any HTTP answer (even 401/404) means the server is there; only a refused,
+    unresolvable or silent connection is "unreachable". Other URI schemes
+    (sqlite:, file:, databricks) are not network servers and pass.
+    """
+    import requests
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=REACHABLE_TIMEOUT_S)
+    except requests.RequestException as err:
+        raise TrackingError(
+            f"MLflow server {redact_uri(uri)} is unreachable ({type(err).__name__}); check --tracking-uri / "
+            "MLFLOW_TRACKING_URI and that the server is running"
+        ) from None
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines (ours and every library's) with any `scheme://user:password@` hidden."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return redact_text(super().formatException(ei))
+
+
+def redacting_logs(level: int, fmt: str) -> None:
+    """logging.basicConfig(level, fmt), with every root handler redacting credentials."""
+    logging.basicConfig(level=level, format=fmt)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(RedactingFormatter(fmt))
