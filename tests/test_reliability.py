@@ -122,3 +122,144 @@ def test_cli_distill_nan_is_one_line_and_exits_2(
                   "--mlflow-uri", with_password(base.mlflow_uri)])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 2 and err == "wanlite distill: error: lr: expected a finite number, found nan\n"
+
+
+# --- registry and download ---------------------------------------------------------------
+
+
+def _dead_server() -> str:
+    """An http URI with a password where nothing listens (a port just freed)."""
+    from tests.fixtures.mlflow import free_port
+
+    return f"http://wanlite:{SECRET}@127.0.0.1:{free_port()}"
+
+
+def test_registering_the_same_shipment_twice_adds_no_version(registered: dict, shipped: Any) -> None:
+    from wanlite.registry import check_shipment, register
+
+    shipment = check_shipment(shipped.student, shipped.export_file, export_report=shipped.export_report,
+                              roundtrip_report=shipped.roundtrip_report, eval_report=shipped.eval_report)  # fmt: skip
+    again = register(shipment, tracking_uri=registered["tracking_uri"], preset=registered["name"].removeprefix("wanlite-"))
+    assert again["existing"] and again["version"] == registered["version"] and again["run_id"] == registered["run_id"]
+    client = MlflowClient(registered["tracking_uri"])
+    assert len(client.search_model_versions(f"name = '{registered['name']}'")) == 1
+
+
+def test_download_refuses_a_tag_that_names_a_path(registered: dict, comfyui_dir: Path) -> None:
+    from wanlite.download import download
+    from wanlite.registry import RegistryError
+
+    client = MlflowClient(registered["tracking_uri"])
+    name, source = registered["name"], registered["source"]
+    for bad in ("../../custom_nodes/x.safetensors", "/tmp/x.safetensors", "sub/x.safetensors", "x.ckpt"):
+        version = client.create_model_version(name, source=source, run_id=registered["run_id"],
+                                              tags={**registered["tags"], "comfyui_file": bad})  # fmt: skip
+        with pytest.raises(RegistryError, match=r"expected a bare file name ending in \.safetensors"):
+            download(f"models:/{name}/{version.version}", comfyui_dir, tracking_uri=registered["tracking_uri"])
+    assert not (comfyui_dir / "custom_nodes").exists()
+    assert list((comfyui_dir / "models" / "diffusion_models").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["download", "register"])
+def test_an_unreachable_server_is_one_line_without_the_password(
+    command: str, shipped: Any, comfyui_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = _dead_server()
+    if command == "download":
+        argv = ["download", "models:/wanlite-tiny@champion", "--comfyui", str(comfyui_dir), "--tracking-uri", dead]
+    else:
+        argv = ["register", "--student", str(shipped.student), "--export", str(shipped.export_file),
+                "--export-report", str(shipped.export_report), "--roundtrip-report", str(shipped.roundtrip_report),
+                "--eval-report", str(shipped.eval_report), "--tracking-uri", dead]  # fmt: skip
+    assert cli(argv) == 2
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err and err.count("\n") == 1
+    assert err.startswith(f"wanlite {command}: error: MLflow server http://***@127.0.0.1:") and "unreachable" in err
+
+
+# --- teacher data ----------------------------------------------------------------------------
+
+
+def _caption_folder(tmp_path: Path, prompt: str) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    from PIL import Image
+
+    Image.fromarray(pixels).save(images / "ok.png")
+    (images / "ok.txt").write_text(prompt)
+    return images
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "bomb", "caption"])
+def test_teacher_data_names_the_bad_image_or_caption(
+    fault: str, tiny_teacher: Path, tiny_embeddings: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from PIL import Image
+
+    from wanlite.distill.data import EmbeddingSet
+
+    images = _caption_folder(tmp_path, EmbeddingSet.load(tiny_embeddings["uri"]).prompts[0])
+    if fault == "corrupt":
+        data = (images / "ok.png").read_bytes()
+        (images / "ok.png").write_bytes(data[:60] + bytes(len(data) - 60))
+        expected = "ok.png: expected a readable image, found"
+    elif fault == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 64x64 image is then a "bomb" (> 2 x 1000 pixels)
+        expected = "ok.png: expected a readable image, found DecompressionBombError"
+    else:
+        (images / "ok.txt").write_bytes(b"caf\xe9 latte")  # Latin-1, not UTF-8
+        expected = r"ok.txt: expected UTF-8 text, found byte 0xe9 at offset 3"
+    store = tmp_path / "store"
+    status = cli(["teacher-data", "--teacher", str(tiny_teacher), "--embeddings", tiny_embeddings["uri"],
+                  "--out", store.as_uri(), "--image-size", "32", "--images", str(images), "--no-teacher-samples"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert expected.split(" found")[0] in err and "Traceback" not in err
+    assert not (store / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--image-size", "0"], "image_size: expected a positive multiple of 16"),
+        (["--shift", "-3"], "shift: expected a finite value > 0, found -3.0"),
+        (["--guidance-high", "nan"], "guidance_high: expected a finite value > 0, found nan"),
+    ],
+)
+def test_teacher_data_numeric_options(
+    flags: list[str], expected: str, tiny_teacher: Path, tiny_embeddings: dict, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    status = cli(["teacher-data", "--teacher", str(tiny_teacher), "--embeddings", tiny_embeddings["uri"],
+                  "--out", (tmp_path / "store").as_uri(), "--steps", "1", *flags])  # fmt: skip
+    assert status == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+def nan_teacher(tiny_teacher: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny teacher whose experts' output projections hold NaN (a damaged or diverged teacher)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = Path(shutil.copytree(tiny_teacher, tmp_path / "nan-teacher"))
+    for expert in ("high_noise_model", "low_noise_model"):
+        index = json.loads((root / expert / "diffusion_pytorch_model.safetensors.index.json").read_text())
+        shard = root / expert / index["weight_map"]["head.head.weight"]
+        tensors = load_file(shard)
+        tensors["head.head.weight"] = torch.full_like(tensors["head.head.weight"], float("nan"))
+        save_file(tensors, shard)
+    return root
+
+
+def test_teacher_data_publishes_no_non_finite_latents(tiny_teacher: Path, tiny_embeddings: dict, tmp_path: Path) -> None:
+    from wanlite.distill.teacher_data import teacher_data
+
+    store = Store((tmp_path / "store").as_uri())
+    with pytest.raises(ValueError, match=r"teacher-data: teacher samples \[0, 1\] came out non-finite"):
+        teacher_data(nan_teacher(tiny_teacher, tmp_path), tiny_embeddings["uri"], store.root, image_size=32,
+                     steps=1, shard_size=2, batch_size=2, progress=False)  # fmt: skip
+    assert [k for k in store.list() if k.endswith("_MANIFEST.json")] == []
