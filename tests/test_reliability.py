@@ -263,3 +263,46 @@ def test_teacher_data_publishes_no_non_finite_latents(tiny_teacher: Path, tiny_e
         teacher_data(nan_teacher(tiny_teacher, tmp_path), tiny_embeddings["uri"], store.root, image_size=32,
                      steps=1, shard_size=2, batch_size=2, progress=False)  # fmt: skip
     assert [k for k in store.list() if k.endswith("_MANIFEST.json")] == []
+
+
+# --- export and evaluate ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def nan_student(tiny_student_init: Path, tmp_path: Path) -> Path:
+    """The tiny student with one NaN weight (what a diverged run without the guard published)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(tiny_student_init, tmp_path / "nan-student"))
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["proj_out.weight"][0, 0] = float("nan")
+    save_file(tensors, weights)
+    return folder
+
+
+def test_export_refuses_non_finite_weights(nan_student: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli(["export", str(nan_student), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite values (NaN or inf) in 1 tensor(s): head.head.weight; nothing exported" in err
+    assert list(out.iterdir()) == []
+
+
+def test_evaluate_refuses_non_finite_weights(
+    nan_student: Path, tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    status = cli(["evaluate", "--student", str(nan_student), "--teacher", str(tiny_teacher),
+                  "--out", str(tmp_path / "eval"), "--num-prompts", "1", "--steps", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "non-finite weights (NaN or inf) in 1 tensor(s): proj_out.weight" in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_refuses_size_zero(tiny_student_init: Path, tiny_teacher: Path, tmp_path: Path, capsys) -> None:
+    assert cli(["evaluate", "--student", str(tiny_student_init), "--teacher", str(tiny_teacher),
+                "--out", str(tmp_path / "eval"), "--size", "0"]) == 2  # fmt: skip
+    assert "size: expected a positive multiple of 16 (VAE 8 x patch 2), found 0" in capsys.readouterr().err

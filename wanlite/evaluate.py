@@ -165,10 +165,12 @@ def evaluate(
     _check_grid(sigmas, seeds, steps, max_rel_mse)
     prompt_list = resolve_prompts(prompts, num_prompts)
     model, arch, student_dir = load_student(student)
+    require_finite_weights(model, student_dir)
     preset = preset_for(arch)
-    size = size or (preset.image_size if preset else PRESETS["lite-1024"].image_size)
-    if size % 16:
-        raise ConfigError(f"size: expected a multiple of 16 (VAE 8 x patch 2), found {size}")
+    if size is None:
+        size = preset.image_size if preset else PRESETS["lite-1024"].image_size
+    if size <= 0 or size % 16:
+        raise ConfigError(f"size: expected a positive multiple of 16 (VAE 8 x patch 2), found {size}")
     setup = _Setup.build(model, local_path(teacher), guided, device)
     with torch.no_grad():
         cond, uncond = setup.teacher_pipe.encode_prompt(
@@ -179,6 +181,10 @@ def evaluate(
         for seed in seeds:
             log.info("evaluate: prompt %d/%d, seed %d", i + 1, len(prompt_list), seed)
             t_lat, s_lat = setup.sample(cond[i : i + 1], uncond[i : i + 1], seed, size, steps)
+            for who, latents in (("teacher", t_lat), ("student", s_lat)):
+                if not torch.isfinite(latents).all():
+                    raise EvaluationError(f"{who} sampled non-finite latents (NaN or inf) for prompt {i}, seed {seed}; "
+                                          "no report written")  # fmt: skip
             negative = uncond[i : i + 1] if guided else None
             _velocity_grid(stats, model, setup.experts, t_lat, cond[i : i + 1], negative, sigmas, seed)
             teacher_latents.append(t_lat)
@@ -195,6 +201,18 @@ def evaluate(
     )  # fmt: skip
     _write_outputs(report, rows, out_dir)
     return report
+
+
+class EvaluationError(ValueError):
+    """The models cannot be evaluated as given (non-finite weights or samples); the message names which."""
+
+
+def require_finite_weights(model: Any, source: Path) -> None:
+    """A student with NaN/inf weights has no meaningful score: refuse it, naming the tensors."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise EvaluationError(f"{source}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): {shown}")
 
 
 @dataclass
