@@ -306,3 +306,118 @@ def test_evaluate_refuses_size_zero(tiny_student_init: Path, tiny_teacher: Path,
     assert cli(["evaluate", "--student", str(tiny_student_init), "--teacher", str(tiny_teacher),
                 "--out", str(tmp_path / "eval"), "--size", "0"]) == 2  # fmt: skip
     assert "size: expected a positive multiple of 16 (VAE 8 x patch 2), found 0" in capsys.readouterr().err
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from wanlite.commands.demo import prepare_mlflow
+workdir = Path(sys.argv[1])
+(workdir / f"ready-{sys.argv[2]}").touch()
+while not (workdir / "go").exists():
+    time.sleep(0.01)
+prepare_mlflow(f"sqlite:///{workdir / 'mlflow.db'}", workdir / "mlartifacts")
+"""
+
+
+@pytest.mark.slow
+def test_demos_starting_together_on_a_fresh_folder_share_one_mlflow_database(tmp_path: Path) -> None:
+    """Four processes released at once on an empty folder: each creates (or finds) the schema, none fails."""
+    import subprocess
+    import sys
+    import time
+
+    racers = [
+        subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(i)], stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    while len(list(tmp_path.glob("ready-*"))) < len(racers) and all(p.poll() is None for p in racers):
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    errors = [p.communicate()[1] for p in racers]
+    assert [p.returncode for p in racers] == [0] * 4, "\n".join(errors)[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {e.name for e in client.search_experiments()} >= {"wanlite", "wanlite-distill"}
+
+
+# --- clear errors instead of tracebacks --------------------------------------------------------
+
+
+def _rewrite_header(shard: Path, change: Any) -> None:
+    """Edit a safetensors file's JSON header in place (same length, padded with spaces)."""
+    import json
+    import struct
+
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    change(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    shard.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+
+
+@pytest.mark.parametrize("fault", ["int32", "overlap", "huge"])
+def test_project_names_the_file_and_tensor_of_a_bad_shard(
+    fault: str, tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = Path(shutil.copytree(tiny_teacher, tmp_path / "teacher"))
+    expert = root / "high_noise_model"
+    index = json.loads((expert / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    name = "blocks.0.ffn.0.weight"
+    shard = expert / index["weight_map"][name]
+    if fault == "int32":
+        tensors = load_file(shard)
+        tensors[name] = tensors[name].to(torch.int32)
+        save_file(tensors, shard)
+    else:
+        def change(header: dict) -> None:
+            header.pop("__metadata__", None)  # room for the longer offsets in the same header length
+            start, end = header[name]["data_offsets"]
+            header[name]["data_offsets"] = [0, end - start] if fault == "overlap" else [start + 10**12, end + 10**12]
+
+        _rewrite_header(shard, change)
+    status = cli(["project", "--teacher", str(root), "--preset", "tiny", "--calib-samples", "1",
+                  "--out", str(tmp_path / "student")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"{shard}: blocks." in err  # the file and a tensor (safetensors names the first bad offset it meets)
+    assert name in err if fault == "int32" else "offset" in err
+    assert not (tmp_path / "student").exists()
+
+
+def test_project_calib_data_that_is_not_safetensors(tiny_teacher: Path, tmp_path: Path, capsys) -> None:
+    junk = tmp_path / "calib.safetensors"
+    junk.write_bytes(b"PK\x03\x04 a zip, not safetensors")
+    status = cli(["project", "--teacher", str(tiny_teacher), "--calib-data", str(junk), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert status == 2 and f"--calib-data {junk}: expected a safetensors file" in err and err.count("\n") == 1
+
+
+def test_encode_prompts_without_a_tokenizer(tiny_teacher: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    root = Path(shutil.copytree(tiny_teacher, tmp_path / "teacher"))
+    shutil.rmtree(root / "google" / "umt5-xxl")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    status = cli(["encode-prompts", "--teacher", str(root), "--prompts", str(prompts),
+                  "--out", (tmp_path / "store").as_uri()])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "google/umt5-xxl: expected the umt5-xxl tokenizer folder of the teacher" in err
+
+
+def test_generate_loads_a_student_by_file_uri(tiny_student_init: Path, tmp_path: Path) -> None:
+    from wanlite.generate import load_model
+
+    store = Store((tmp_path / "store").as_uri())
+    store.put_dir(tiny_student_init, "students/x", progress=False)
+    _, arch, source = load_model(store.uri("students/x"))
+    assert arch.dim == 128 and source.endswith("students/x")

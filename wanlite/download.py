@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from wanlite.export import file_sha256, read_export
-from wanlite.mlflow_uri import require_reachable
+from wanlite.mlflow_uri import prepare_tracking
 from wanlite.registry import COMFYUI_FILE_TAG, COMFYUI_SHA_TAG, RegistryError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def fetch_version_dir(uri: str, subdir: str, dst: Path, *, tracking_uri: str | N
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    require_reachable(tracking_uri)
+    prepare_tracking(tracking_uri)
     version = resolve_version(MlflowClient(tracking_uri=tracking_uri), uri)
     local = download_artifacts(
         artifact_uri=f"{version.source}/{subdir}", dst_path=str(dst), tracking_uri=tracking_uri
@@ -127,7 +127,7 @@ def download(
     from mlflow.artifacts import download_artifacts
 
     models_dir = comfyui_models_dir(comfyui)
-    require_reachable(tracking_uri)
+    prepare_tracking(tracking_uri)
     version = resolve_version(MlflowClient(tracking_uri=tracking_uri), uri)
     name, expected = version.tags.get(COMFYUI_FILE_TAG), version.tags.get(COMFYUI_SHA_TAG)
     if not name or not expected:

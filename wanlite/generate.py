@@ -17,7 +17,7 @@ import torch
 
 from wanlite.config import GUIDANCE_LOW, PRESETS, SAMPLE_STEPS, ConfigError, WanArch
 from wanlite.export import load_export, load_student, preset_for
-from wanlite.pipeline import build_pipeline
+from wanlite.pipeline import build_pipeline, local_path
 from wanlite.prompts import NEGATIVE_PROMPT
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def load_model(model: str | Path, *, tracking_uri: str | None = None) -> tuple[A
             folder, version = fetch_version_dir(text, "diffusers", Path(tmp), tracking_uri=tracking_uri)
             student, arch, _ = load_student(folder)
         return student, arch, f"{text} (version {version.version})"
-    path = Path(text)
+    path = local_path(text) if "://" in text else Path(text)  # a store URI: file://, s3://
     if path.is_file():
         student = load_export(path, dtype=torch.float32)
         return student, WanArch.from_diffusers_config(dict(student.config), str(path)), str(path)

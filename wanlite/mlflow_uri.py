@@ -7,9 +7,9 @@ from the URI or from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (the
 better place: they never appear in a command line or a Prefect parameter).
 
 MLflow's HTTP client retries a refused connection for minutes (7 retries with
-exponential backoff by default) before it fails; `require_reachable` asks the
+exponential backoff by default) before it fails; `prepare_tracking` asks the
 server's `/health` once, with a short timeout, so an unreachable server is
-reported in seconds.
+reported in seconds (and creates a fresh SQLite database's schema under a lock).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -46,19 +47,30 @@ def redact_text(text: str) -> str:
     return _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
 
 
-def require_reachable(uri: str | None) -> None:
-    """Raise TrackingError within REACHABLE_TIMEOUT_S when an http(s) tracking server does not answer.
+def prepare_tracking(uri: str | None) -> None:
+    """Make the tracking URI usable before MLflow is asked anything, or say in seconds why it is not.
 
+    http(s): the server's `/health` must answer within REACHABLE_TIMEOUT_S
+    (any HTTP answer, even 401/404, means it is there; a refused, unresolvable
+    or silent connection raises TrackingError). sqlite:///FILE: the schema is
+    created under an exclusive lock on FILE.lock, so two processes starting on
+    a fresh database (two `wanlite demo` at once) do not both run MLflow's
+    alembic migrations (the second used to die on "table already exists").
     uri None means MLflow's own default, $MLFLOW_TRACKING_URI.
-    Any HTTP answer (even 401/404) means the server is there; only a refused,
-    unresolvable or silent connection is "unreachable". Other URI schemes
-    (sqlite:, file:, databricks) are not network servers and pass.
     """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        _require_reachable(uri)
+    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+        _create_schema_locked(uri)
+
+
+def _require_reachable(uri: str) -> None:
     import requests
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri or urlsplit(uri).scheme not in ("http", "https"):
-        return
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=REACHABLE_TIMEOUT_S)
     except requests.RequestException as err:
@@ -66,6 +78,34 @@ def require_reachable(uri: str | None) -> None:
             f"MLflow server {redact_uri(uri)} is unreachable ({type(err).__name__}); check --tracking-uri / "
             "MLFLOW_TRACKING_URI and that the server is running"
         ) from None
+
+
+def _create_schema_locked(uri: str) -> None:
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process is killed
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates or upgrades the schema
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, creating it if needed; another process creating it first is not an error."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)  # created concurrently: use it
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 class RedactingFormatter(logging.Formatter):

@@ -27,7 +27,7 @@ from wanlite import __version__
 from wanlite.config import CANDIDATE, CHAMPION
 from wanlite.evaluate import REPORT_JSON
 from wanlite.export import EXPORT_REPORT, dir_sha256, file_sha256, preset_for, read_export, student_arch
-from wanlite.mlflow_uri import require_reachable
+from wanlite.mlflow_uri import ensure_experiment, prepare_tracking
 from wanlite.pipeline import local_path
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def register(
     """Log the run, create the model version, set aliases; return a registration report."""
     from mlflow import MlflowClient
 
-    require_reachable(tracking_uri)
+    prepare_tracking(tracking_uri)
     arch = student_arch(shipment.student_dir)
     preset = preset or _preset_name(arch, shipment.student_dir)
     teacher_sha256 = teacher_sha256 or shipment.export_report.get("metadata", {}).get("teacher_sha256")
@@ -184,7 +184,7 @@ def register(
     if existing is not None:  # the same shipment registered again: no second run, no second version
         log.info("%s is already registered as %s", shipment.export_file.name, existing["uri"])
         return existing
-    run = client.create_run(_experiment_id(client, experiment), run_name=f"register-{preset}")
+    run = client.create_run(ensure_experiment(client, experiment), run_name=f"register-{preset}")
     run_id = run.info.run_id
     try:
         _log_run(client, run_id, shipment, arch_params(arch, preset, teacher_sha256, data_hash, params))
@@ -305,11 +305,6 @@ def _champion(client: Any, name: str) -> tuple[str, float] | None:
     except MlflowException:
         return None
     return current.version, float(current.tags.get(SCORE_TAG, "inf"))
-
-
-def _experiment_id(client: Any, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    return found.experiment_id if found is not None else client.create_experiment(name)
 
 
 def _preset_name(arch: Any, student_dir: Path) -> str:

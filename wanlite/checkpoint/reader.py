@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from wanlite.checkpoint.layout import (
@@ -148,13 +148,18 @@ class TeacherReader:
         file, stored = self.location(expert, native_name)
         if not file.is_file():
             raise TeacherReadError(f"{file}: missing shard (the index lists {stored!r} in it)")
-        with safe_open(str(file), framework="pt") as fh:
-            if stored not in fh.keys():
-                raise TeacherReadError(f"{file}: missing tensor {stored!r} (the shard index lists it here)")
-            value = fh.get_tensor(stored)
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                if stored not in fh.keys():
+                    raise TeacherReadError(f"{file}: missing tensor {stored!r} (the shard index lists it here)")
+                value = fh.get_tensor(stored)
+        except SafetensorError as err:  # bad header: offsets overlapping, past the end of the file, ...
+            raise TeacherReadError(f"{file}: {stored}: unreadable safetensors file ({err}); run `wanlite validate`") from None
         expected = native_tensor_shapes(self.arch)[native_name]
         if tuple(value.shape) != expected:
             raise TeacherReadError(f"{file}: {stored}: expected shape {expected}, found {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TeacherReadError(f"{file}: {stored}: expected a floating-point weight, found {value.dtype}")
         return value
 
     def tensors(self, expert: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from wanlite.config import WanArch
 from wanlite.distill.options import DEFAULT_EXPERIMENT
-from wanlite.mlflow_uri import redact_text, redact_uri, require_reachable
+from wanlite.mlflow_uri import ensure_experiment, prepare_tracking, redact_text, redact_uri
 from wanlite.pipeline import TEXT_LEN
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,9 @@ class Tracker:
             return None
         import mlflow
 
-        require_reachable(self.uri)  # seconds, not MLflow's minutes of retries, before any training
+        prepare_tracking(self.uri)  # seconds, not MLflow's minutes of retries, before any training
         mlflow.set_tracking_uri(self.uri)
-        if mlflow.get_experiment_by_name(self.experiment) is None:
-            mlflow.create_experiment(self.experiment, artifact_location=_local_artifact_location(self.uri))
+        ensure_experiment(mlflow.MlflowClient(self.uri), self.experiment, _local_artifact_location(self.uri))
         mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=True)
         self.run_id = run.info.run_id
