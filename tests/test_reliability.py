@@ -421,3 +421,16 @@ def test_generate_loads_a_student_by_file_uri(tiny_student_init: Path, tmp_path:
     store.put_dir(tiny_student_init, "students/x", progress=False)
     _, arch, source = load_model(store.uri("students/x"))
     assert arch.dim == 128 and source.endswith("students/x")
+
+
+def test_the_documented_s3_lifecycle_rule_is_accepted(moto_server: str, s3_bucket: str) -> None:
+    """infra/s3-lifecycle.json is what README tells users to apply against orphan multipart uploads."""
+    import json
+
+    import boto3
+
+    rules = json.loads((Path(__file__).parent.parent / "infra" / "s3-lifecycle.json").read_text())
+    client = boto3.client("s3", endpoint_url=moto_server)
+    client.put_bucket_lifecycle_configuration(Bucket=s3_bucket, LifecycleConfiguration=rules)
+    stored = client.get_bucket_lifecycle_configuration(Bucket=s3_bucket)["Rules"]
+    assert stored[0]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 2}
