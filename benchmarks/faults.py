@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,9 @@ def cli(argv: list[str]) -> tuple[int, str, str]:
             status = main(argv)
         except SystemExit as exit_:  # argparse
             status = exit_.code if isinstance(exit_.code, int) else 2
+        except Exception:  # escaped the CLI: what a user sees as a traceback
+            traceback.print_exc()
+            status = -1
     return status, out.getvalue(), err.getvalue()
 
 
@@ -206,7 +210,8 @@ def bad_inputs(w: World) -> dict[str, Callable[[], tuple[list[str], Path | None]
     def project_shard(name: str, damage: str) -> Callable[[], tuple[list[str], Path]]:
         def prepare() -> tuple[list[str], Path]:
             root, case = copy_teacher(name)
-            index = json.loads((root / "high_noise_model" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+            index_file = root / "high_noise_model" / "diffusion_pytorch_model.safetensors.index.json"
+            index = json.loads(index_file.read_text())
             tensor = "blocks.0.ffn.0.weight"
             shard = root / "high_noise_model" / index["weight_map"][tensor]
             if damage == "int32":
@@ -268,7 +273,9 @@ def bad_inputs(w: World) -> dict[str, Callable[[], tuple[list[str], Path | None]
         "teacher-data: non-UTF-8 caption": teacher_data_case("td-latin1", [], latin1),
         "teacher-data: images folder missing": simple(
             lambda c: ["teacher-data", "--teacher", str(w.teacher), "--embeddings", w.embeddings, "--out",
-                       (c / "store").as_uri(), "--images", str(c / "absent"), "--image-size", "32"], store=True),  # fmt: skip
+                       (c / "store").as_uri(), "--images", str(c / "absent"), "--image-size", "32"],
+            store=True,
+        ),
         "distill: --lr nan": distill("d-lr-nan", ["--lr", "nan"]),
         "distill: --lr 0": distill("d-lr0", ["--lr", "0"]),
         "distill: --shift -1": distill("d-shift", ["--shift", "-1"]),

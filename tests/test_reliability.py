@@ -139,7 +139,8 @@ def test_registering_the_same_shipment_twice_adds_no_version(registered: dict, s
 
     shipment = check_shipment(shipped.student, shipped.export_file, export_report=shipped.export_report,
                               roundtrip_report=shipped.roundtrip_report, eval_report=shipped.eval_report)  # fmt: skip
-    again = register(shipment, tracking_uri=registered["tracking_uri"], preset=registered["name"].removeprefix("wanlite-"))
+    preset = registered["name"].removeprefix("wanlite-")
+    again = register(shipment, tracking_uri=registered["tracking_uri"], preset=preset)
     assert again["existing"] and again["version"] == registered["version"] and again["run_id"] == registered["run_id"]
     client = MlflowClient(registered["tracking_uri"])
     assert len(client.search_model_versions(f"name = '{registered['name']}'")) == 1
@@ -213,7 +214,8 @@ def test_teacher_data_names_the_bad_image_or_caption(
         expected = r"ok.txt: expected UTF-8 text, found byte 0xe9 at offset 3"
     store = tmp_path / "store"
     status = cli(["teacher-data", "--teacher", str(tiny_teacher), "--embeddings", tiny_embeddings["uri"],
-                  "--out", store.as_uri(), "--image-size", "32", "--images", str(images), "--no-teacher-samples"])  # fmt: skip
+                  "--out", store.as_uri(), "--image-size", "32", "--images", str(images),
+                  "--no-teacher-samples"])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
     assert expected.split(" found")[0] in err and "Traceback" not in err
@@ -255,7 +257,9 @@ def nan_teacher(tiny_teacher: Path, tmp_path: Path) -> Path:
     return root
 
 
-def test_teacher_data_publishes_no_non_finite_latents(tiny_teacher: Path, tiny_embeddings: dict, tmp_path: Path) -> None:
+def test_teacher_data_publishes_no_non_finite_latents(
+    tiny_teacher: Path, tiny_embeddings: dict, tmp_path: Path
+) -> None:
     from wanlite.distill.teacher_data import teacher_data
 
     store = Store((tmp_path / "store").as_uri())

@@ -51,7 +51,7 @@ def _user_facing(err: BaseException) -> bool:
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message on one line, credentials hidden; MLflow's multi-line answers keep their first line."""
+    """The error's message with credentials hidden; of MLflow's multi-line answers only the first line."""
     text = str(err).strip() or type(err).__name__
     if type(err).__module__.startswith("mlflow."):
         text = f"MLflow: {text.splitlines()[0]}"

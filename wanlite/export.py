@@ -166,7 +166,9 @@ def require_finite(tensors: Mapping[str, torch.Tensor], source: Path) -> None:
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise ExportError(f"{source}: non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}; nothing exported")
+        raise ExportError(
+            f"{source}: non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}; nothing exported"
+        )
 
 
 def export_metadata(

@@ -652,7 +652,7 @@ def scan_local_files(
             if link.is_symlink():
                 target = _inside(link, root, allowed)
                 if here_path.resolve().is_relative_to(target):
-                    raise StoreError(f"{link}: a symlink to {target}, which contains it (a loop); refusing to follow it")
+                    raise StoreError(f"{link}: a symlink to {target}, which contains it (a loop); not followed")
         for name in files:
             path = here_path / name
             rel = path.relative_to(root).as_posix()

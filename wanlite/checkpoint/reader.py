@@ -154,7 +154,9 @@ class TeacherReader:
                     raise TeacherReadError(f"{file}: missing tensor {stored!r} (the shard index lists it here)")
                 value = fh.get_tensor(stored)
         except SafetensorError as err:  # bad header: offsets overlapping, past the end of the file, ...
-            raise TeacherReadError(f"{file}: {stored}: unreadable safetensors file ({err}); run `wanlite validate`") from None
+            raise TeacherReadError(
+                f"{file}: {stored}: unreadable safetensors file ({err}); run `wanlite validate`"
+            ) from None
         expected = native_tensor_shapes(self.arch)[native_name]
         if tuple(value.shape) != expected:
             raise TeacherReadError(f"{file}: {stored}: expected shape {expected}, found {tuple(value.shape)}")

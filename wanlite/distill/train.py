@@ -126,7 +126,9 @@ def stop_if_non_finite(step: int, loss: float, grad_norm: torch.Tensor | None, m
     is marked FAILED by `execute`. grad_norm None (no clipping): the norm is
     computed here, with an infinite clip bound, which changes no gradient.
     """
-    norm = scalar(grad_norm if grad_norm is not None else torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+    if grad_norm is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+    norm = scalar(grad_norm)
     bad = [f"{name} = {value}" for name, value in (("loss", loss), ("grad_norm", norm)) if not math.isfinite(value)]
     if bad:
         raise NonFiniteError(
