@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass
 class Tally:
     inputs: dict[str, str] = field(default_factory=dict)  # case -> clean / accepted / bad: why
+    messages: dict[str, str] = field(default_factory=dict)  # case -> the last line the user saw
     faults: dict[str, str] = field(default_factory=dict)  # fault -> survived / failed: why
     lost: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
@@ -77,20 +78,41 @@ def manifests(root: Path) -> list[Path]:
     return sorted(root.rglob("_MANIFEST.json")) if root.exists() else []
 
 
-def judge(argv: list[str], store: Path | None) -> str:
+def judge(argv: list[str], store: Path | None, names: str | None) -> tuple[str, str]:
+    """(outcome, the last stderr line) of one bad input; `names`: what the message must mention."""
     status, out, err = cli(argv)
-    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1:] or [""]
+    last = ([line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1:] or [""])[0][:300]
     if SECRET in out + err:
-        return "bad: the password appears in the output"
+        return "bad: the password appears in the output", last
     if status == 0:
-        return "accepted"
+        return "accepted", last
     if "Traceback" in err or status not in (1, 2):
-        return f"bad: status {status}, traceback" if "Traceback" in err else f"bad: status {status}"
+        return ("bad: traceback" if "Traceback" in err else f"bad: status {status}"), last
     if store is not None and manifests(store):
-        return "bad: published despite the error"
-    if argv[0] != "validate" and not last[0].startswith(f"wanlite {argv[0]}: error: "):
-        return f"bad: unclear message {last[0][:80]!r}"
-    return "clean"
+        return "bad: published despite the error", last
+    if argv[0] != "validate" and not last.startswith(f"wanlite {argv[0]}: error: "):
+        return "bad: unclear message", last
+    if names is not None and names not in last:
+        return f"bad: the message does not name {names}", last
+    return "clean", last
+
+
+NAMED = {
+    "fetch: symlink to /etc/passwd": "notes.md",
+    "fetch: symlinked folder outside": "extra",
+    "teacher-data: corrupt PNG": "a.png",
+    "teacher-data: decompression bomb": "a.png",
+    "teacher-data: non-UTF-8 caption": "a.txt",
+    "project: I32 weight": "blocks.0.ffn.0.weight",
+    "project: overlapping offsets": "diffusion_pytorch_model-",
+    "project: offsets past the end": "diffusion_pytorch_model-",
+    "encode-prompts: no tokenizer": "umt5-xxl",
+    "export: NaN weights": "head.head.weight",
+    "evaluate: NaN weights": "proj_out",
+    "download: MLflow server unreachable": "unreachable",
+    "distill: MLflow server unreachable": "unreachable",
+}
+"""Cases whose message must name the file, tensor or cause (a bare "invalid value" does not say which)."""
 
 
 def dead_tracking_uri() -> str:
@@ -165,7 +187,9 @@ def bad_inputs(w: World) -> dict[str, Callable[[], tuple[list[str], Path | None]
             index_path = root / "high_noise_model" / "diffusion_pytorch_model.safetensors.index.json"
             index = json.loads(index_path.read_text())
             first = sorted(set(index["weight_map"].values()))[0]
-            index["weight_map"] = {k: shard(root) if v == first else v for k, v in index["weight_map"].items()}
+            target = shard(root)  # a real shard is there: reading it would "work"
+            shutil.copy(index_path.parent / first, (index_path.parent / target).resolve())
+            index["weight_map"] = {k: target if v == first else v for k, v in index["weight_map"].items()}
             index_path.write_text(json.dumps(index))
             return ["validate", str(root)], None
 
@@ -262,7 +286,7 @@ def bad_inputs(w: World) -> dict[str, Callable[[], tuple[list[str], Path | None]
         "fetch: no such directory": simple(lambda c: ["fetch", str(c / "absent"), "--store", (c / "store").as_uri()],
                                            store=True),  # fmt: skip
         "validate: weight_map ../": weight_map("wm-parent", lambda root: "../../x.safetensors"),
-        "validate: weight_map absolute": weight_map("wm-absolute", lambda root: "/etc/passwd"),
+        "validate: weight_map absolute": weight_map("wm-absolute", lambda root: str(root.parent / "abs.safetensors")),
         "teacher-data: --image-size 0": teacher_data_case("td-size", ["--image-size", "0"]),
         "teacher-data: --image-size 30": teacher_data_case("td-size30", ["--image-size", "30"]),
         "teacher-data: --shift -3": teacher_data_case("td-shift", ["--shift", "-3"]),
@@ -475,7 +499,7 @@ def run_suite(work: Path) -> Tally:
     before = {p: p.read_bytes() for p in manifests(world.store)}
     for name, prepare in bad_inputs(world).items():
         argv, store = prepare()
-        tally.inputs[name] = judge(argv, store)
+        tally.inputs[name], tally.messages[name] = judge(argv, store, NAMED.get(name))
         print(f"input  {tally.inputs[name]:<10.10} {name}", file=sys.stderr)
     for name, inject in faults(world).items():
         try:
@@ -515,7 +539,8 @@ def main() -> None:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wanlite-faults-")))
         tally = run_suite(work)
     counts = summary(tally)
-    result = {"counts": counts, "inputs": tally.inputs, "faults": tally.faults, "lost": tally.lost,
+    inputs = {name: {"outcome": outcome, "message": tally.messages[name]} for name, outcome in tally.inputs.items()}
+    result = {"counts": counts, "inputs": inputs, "faults": tally.faults, "lost": tally.lost,
               "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
