@@ -18,7 +18,7 @@ downloaded again with its sha256 verified: "artifacts lost" counts the ones
 that fail. A password planted in the tracking URIs must appear in no output,
 log line or store file ("secrets leaked").
 
-    .venv/bin/python benchmarks/faults.py [--workdir DIR] [--json results.json]
+    .venv/bin/python benchmarks/faults.py [--workdir DIR] [--json results.json] [--only TEXT ...]
 
 Not a test: the same cases are tests in tests/test_reliability.py and
 tests/test_fetch.py; this counts them in one place for BENCHMARKS.md.
@@ -187,8 +187,8 @@ def bad_inputs(w: World) -> dict[str, Callable[[], tuple[list[str], Path | None]
             index_path = root / "high_noise_model" / "diffusion_pytorch_model.safetensors.index.json"
             index = json.loads(index_path.read_text())
             first = sorted(set(index["weight_map"].values()))[0]
-            target = shard(root)  # a real shard is there: reading it would "work"
-            shutil.copy(index_path.parent / first, (index_path.parent / target).resolve())
+            target = shard(root)  # the real shard is moved there: reading it would "work"
+            shutil.move(index_path.parent / first, (index_path.parent / target).resolve())
             index["weight_map"] = {k: target if v == first else v for k, v in index["weight_map"].items()}
             index_path.write_text(json.dumps(index))
             return ["validate", str(root)], None
@@ -490,18 +490,25 @@ def verify_store(root: Path, scratch: Path) -> list[str]:
     return lost
 
 
-def run_suite(work: Path) -> Tally:
+def run_suite(work: Path, only: list[str] | None = None) -> Tally:
     logs = io.StringIO()
     logging.getLogger().addHandler(logging.StreamHandler(logs))
     logging.getLogger().setLevel(logging.INFO)
     tally = Tally()
     world = build_world(work)
     before = {p: p.read_bytes() for p in manifests(world.store)}
+    def chosen(name: str) -> bool:
+        return not only or any(part in name for part in only)
+
     for name, prepare in bad_inputs(world).items():
+        if not chosen(name):
+            continue
         argv, store = prepare()
         tally.inputs[name], tally.messages[name] = judge(argv, store, NAMED.get(name))
         print(f"input  {tally.inputs[name]:<10.10} {name}", file=sys.stderr)
     for name, inject in faults(world).items():
+        if not chosen(name):
+            continue
         try:
             tally.faults[name] = inject()
         except Exception as err:  # an unexpected exception is a failed fault, reported, not a crash of the suite
@@ -532,12 +539,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help="where to build the tiny world (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, help="write counts and every case's outcome here")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="run only the cases whose name contains TEXT (repeatable; default: all)")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("WANLITE_CACHE", tempfile.mkdtemp(prefix="wanlite-faults-cache-"))
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wanlite-faults-")))
-        tally = run_suite(work)
+        tally = run_suite(work, args.only)
     counts = summary(tally)
     inputs = {name: {"outcome": outcome, "message": tally.messages[name]} for name, outcome in tally.inputs.items()}
     result = {"counts": counts, "inputs": inputs, "faults": tally.faults, "lost": tally.lost,
