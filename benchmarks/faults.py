@@ -453,7 +453,9 @@ def faults(w: World) -> dict[str, Callable[[], str]]:
     def escaping_upload() -> str:
         case = w.fresh("escaping-upload")
         folder = Path(shutil.copytree(w.student, case / "student"))
-        (folder / "id_rsa").symlink_to(Path.home() / ".ssh" / "id_rsa")
+        key = case / "id_rsa"  # outside the folder, like ~/.ssh/id_rsa
+        key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+        (folder / "id_rsa").symlink_to(key)
         store = Store((case / "store").as_uri())
         try:
             store.put_dir(folder, "students/x", progress=False)
@@ -468,7 +470,7 @@ def faults(w: World) -> dict[str, Callable[[], str]]:
         "diverging run (lr 1e9)": diverging_run,
         "teacher with NaN weights": nan_teacher,
         "3 demos racing on a fresh MLflow database": racing_demos,
-        "upload of a folder with a link to ~/.ssh": escaping_upload,
+        "upload of a folder with a link to a private key outside it": escaping_upload,
     }
 
 
