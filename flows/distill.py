@@ -31,6 +31,7 @@ from flows.common import (
 )
 from flows.steps import STEP_FLOWS
 from wanlite import dag
+from wanlite.mlflow_uri import redact_uri
 
 POLL_S = 2.0
 
@@ -84,7 +85,8 @@ def distill(
     logger = get_run_logger()
     params = {"preset": preset, "teacher": teacher, "store": store, "tracking_uri": tracking_uri, **(overrides or {})}
     spec = dag.RunSpec.from_params(params).resolved()
-    logger.info("store %s, MLflow %s, steps via %s", spec.store, spec.tracking_uri, step_deployment or "subflows")
+    via = step_deployment or "subflows"
+    logger.info("store %s, MLflow %s, steps via %s", spec.store, redact_uri(spec.tracking_uri), via)
     outputs: dict[str, dict[str, Any]] = {}
     for step in dag.STEPS:
         # fetch's input (a path or hub id) is not content-addressed, so it always
@@ -109,7 +111,7 @@ def summary_markdown(spec: dag.RunSpec, outputs: dict[str, dict[str, Any]]) -> s
             f"- download: `wanlite download models:/{model['name']}@{dag.best_alias(model)} --comfyui PATH`",
             f"- MLflow: [{model['name']} version {model['version']}]({model['version_url']})"
             if model.get("version_url")
-            else f"- MLflow (no web server): `mlflow ui --backend-store-uri {spec.tracking_uri}`",
+            else f"- MLflow (no web server): `mlflow ui --backend-store-uri {redact_uri(spec.tracking_uri)}`",
             "",
             markdown_table(rows),
         ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.storage import TEST_CHUNK
-from wanlite.checkpoint.fetch import PARTIAL_NAME, fetch_teacher
+from wanlite.checkpoint.fetch import PARTIAL_NAME, FetchError, fetch_teacher
 from wanlite.checkpoint.layout import LayoutError
 from wanlite.cli import main
 from wanlite.storage import MANIFEST_NAME, Store, StoreError
@@ -54,10 +54,10 @@ def _write(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def _expected_sha16(files: dict[str, bytes]) -> str:
-    """The documented address: sha256 over sorted *.json files as `relpath NUL size NUL bytes`."""
+    """The documented address: sha256 over every file, sorted, as `relpath NUL size NUL sha256-hex NL`."""
     digest = hashlib.sha256()
-    for rel in sorted(r for r in files if r.endswith(".json")):
-        digest.update(f"{rel}\0{len(files[rel])}\0".encode() + files[rel])
+    for rel in sorted(files):
+        digest.update(f"{rel}\0{len(files[rel])}\0{hashlib.sha256(files[rel]).hexdigest()}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -99,17 +99,69 @@ def test_fetch_local_dir_is_content_addressed_and_skipped_the_second_time(store:
     assert again["uri"] == report["uri"] and again["skipped"] and again["bytes_copied"] == 0
 
 
-def test_address_depends_only_on_the_json_files(local_store: Store, tmp_path: Path) -> None:
+def test_address_depends_on_every_byte(local_store: Store, tmp_path: Path) -> None:
     files = native_files()
-    one = fetch_teacher(str(_write(tmp_path / "one", files)), local_store, progress=False)
     other_dim = fetch_teacher(str(_write(tmp_path / "two", native_files(dim=256))), local_store, progress=False)
-    assert other_dim["sha16"] != one["sha16"]
 
-    # Same JSON, different data of the same sizes: same address (the documented limit), so it is skipped;
-    # different data sizes under the same JSON are refused rather than confused with the stored checkpoint.
-    resized = {**files, "Wan2.1_VAE.pth": os.urandom(10)}
-    with pytest.raises(StoreError, match=r"same JSON files as .* but different data files \(Wan2\.1_VAE\.pth\)"):
-        fetch_teacher(str(_write(tmp_path / "three", resized)), local_store, progress=False)
+    # A damaged copy (one bit flipped in a weights file, same JSON, same sizes) fetched FIRST gets its own
+    # address: it cannot shadow the good checkpoint, which is then copied in full to the right address.
+    shard = "high_noise_model/diffusion_pytorch_model-00001-of-00001.safetensors"
+    flipped = {**files, shard: bytes([files[shard][0] ^ 1]) + files[shard][1:]}
+    bad = fetch_teacher(str(_write(tmp_path / "bad", flipped)), local_store, progress=False)
+    good = fetch_teacher(str(_write(tmp_path / "good", files)), local_store, progress=False)
+    assert len({bad["sha16"], good["sha16"], other_dim["sha16"]}) == 3
+    assert good["sha16"] == _expected_sha16(files) and not good["skipped"]
+    _assert_stored(local_store, good["key"], files, tmp_path / "back")
+
+
+def test_symlink_out_of_the_checkpoint_is_refused(store: Store, tmp_path: Path) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$secret")
+    src = _write(tmp_path / "wan", native_files())
+    (src / "notes.md").symlink_to(secret)
+    with pytest.raises(FetchError, match=r"notes\.md: a symlink to .*shadow, outside .*wan; refusing"):
+        fetch_teacher(str(src), store, progress=False)
+    assert store.list() == []  # nothing copied
+    (src / "notes.md").unlink()
+    (src / "google" / "leak").symlink_to(tmp_path, target_is_directory=True)  # a folder link out, too
+    with pytest.raises(FetchError, match=r"google/leak: a symlink to"):
+        fetch_teacher(str(src), store, progress=False)
+
+
+def test_symlinks_inside_the_checkpoint_and_hub_cache_blobs_are_followed(local_store: Store, tmp_path: Path) -> None:
+    files = native_files()
+    repo = tmp_path / "hub" / "models--Wan-AI--Wan2.2-T2V-A14B"
+    snapshot = repo / "snapshots" / "abc123"
+    for rel, data in files.items():  # the hub cache's shape: snapshot files are links to content blobs
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / rel).symlink_to(os.path.relpath(blob, (snapshot / rel).parent))
+    report = fetch_teacher(str(snapshot), local_store, progress=False)
+    assert report["sha16"] == _expected_sha16(files)
+    _assert_stored(local_store, report["key"], files, tmp_path / "back")
+
+
+def test_cli_symlink_refusal_is_one_line(local_store: Store, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = _write(tmp_path / "wan", native_files())
+    (src / "notes.md").symlink_to("/etc/passwd")
+    assert main(["fetch", str(src), "--store", local_store.root, "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "notes.md: a symlink to /etc/passwd" in err
+
+
+def test_store_upload_refuses_symlinks_out_of_the_folder(store: Store, tmp_path: Path) -> None:
+    folder = tmp_path / "student"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "inside.json").symlink_to(folder / "config.json")  # inside: followed
+    store.put_dir(folder, "ok", progress=False)
+    assert sorted(store.read_manifest("ok").files) == ["config.json", "inside.json"]
+    (folder / "key.pem").symlink_to(tmp_path / "elsewhere.pem")
+    with pytest.raises(StoreError, match=r"key\.pem: a symlink to .*elsewhere\.pem, outside"):
+        store.put_dir(folder, "bad", progress=False)
+    assert store.read_manifest("bad") is None
 
 
 def test_fetch_diffusers_layout(store: Store, tmp_path: Path) -> None:

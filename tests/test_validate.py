@@ -233,6 +233,26 @@ def test_total_size_mismatch(native: Path) -> None:
     assert problem.expected.startswith(str(real)) and problem.found == str(real + 2)
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_weight_map_naming_a_file_outside_the_folder_is_refused(native: Path, where: str) -> None:
+    from wanlite.checkpoint.reader import TeacherReader, TeacherReadError
+
+    expert = native / "high_noise_model"
+    index = expert / SHARD_INDEX
+    data = json.loads(index.read_text())
+    shard = sorted(set(data["weight_map"].values()))[0]
+    outside = native.parent / "elsewhere.safetensors"  # a real shard, so reading it would "work"
+    shutil.move(expert / shard, outside)
+    name = "../../elsewhere.safetensors" if where == "parent" else str(outside)
+    data["weight_map"] = {k: name if v == shard else v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    problem = only(validate_teacher(native), lambda p: p.key == f"weight_map -> {name}")
+    assert problem.file == f"high_noise_model/{SHARD_INDEX}"
+    assert "a shard file name inside" in problem.expected and problem.found == "a path outside it"
+    with pytest.raises(TeacherReadError, match=rf"weight_map: expected shard file names inside .*found {name}"):
+        TeacherReader(native)
+
+
 # --- tensors ---------------------------------------------------------------------------
 
 

@@ -7,10 +7,10 @@ import importlib
 import logging
 import pkgutil
 import sys
+import traceback
 
 from wanlite import __version__, commands
-from wanlite.config import ConfigError
-from wanlite.storage import StoreError
+from wanlite.mlflow_uri import redact_text, redacting_logs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,16 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    redacting_logs(logging.DEBUG if args.verbose else logging.INFO, "%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, StoreError, FileNotFoundError, ValueError) as err:
+    except Exception as err:
+        if not _user_facing(err):  # a bug: the traceback, with any credential hidden
+            print(redact_text("".join(traceback.format_exception(err))), file=sys.stderr, end="")
+            return 1
         # Expected, user-facing failures: one clear line, no traceback.
-        print(f"wanlite {args.command}: error: {err}", file=sys.stderr)
+        print(f"wanlite {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _user_facing(err: BaseException) -> bool:
+    """Failures whose message says what to fix: bad input, ours, and the MLflow server's answers."""
+    # wanlite's own exception classes (StoreError, FetchError, LaunchError, ...) carry messages meant for users.
+    return isinstance(err, (FileNotFoundError, ValueError)) or type(err).__module__.startswith(("wanlite.", "mlflow."))
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message with credentials hidden; of MLflow's multi-line answers only the first line."""
+    text = str(err).strip() or type(err).__name__
+    if type(err).__module__.startswith("mlflow."):
+        text = f"MLflow: {text.splitlines()[0]}"
+    return redact_text(text)
 
 
 if __name__ == "__main__":

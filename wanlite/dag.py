@@ -516,7 +516,7 @@ def register(
     training_run_id: str | None = None,
     name: str | None = None,
 ) -> dict[str, Any]:
-    """Gate on every report, then create (or find) the model version and its aliases.
+    """Gate on every report, then create (or find: `registry.register` is idempotent) the model version.
 
     `training_run_id`: the MLflow run that trained the student; the version links to it.
     `name`: the registered model (default `wanlite-<preset>`; the few-step student's is its own).
@@ -531,10 +531,6 @@ def register(
         roundtrip_report=local_path(roundtrip_uri) / ROUNDTRIP_REPORT,
         eval_report=local_path(eval_uri) / EVAL_REPORT,
     )
-    name = name or registry.model_name(preset)
-    existing = _registered_version(tracking_uri, name, shipment.export_report["sha256"])
-    if existing is not None:
-        return existing
     return registry.register(
         shipment, tracking_uri=tracking_uri, preset=preset, teacher_sha256=teacher_sha256, data_hash=data_hash,
         training_run_id=training_run_id,
@@ -551,26 +547,6 @@ def best_alias(registration: Mapping[str, Any]) -> str:
     """The alias to tell users to download: `champion` when this version holds it."""
     aliases = registration["aliases"]
     return "champion" if "champion" in aliases else aliases[0]
-
-
-def _registered_version(tracking_uri: str, name: str, comfy_sha256: str) -> dict[str, Any] | None:
-    """The version already registered for this exact file, so a re-run adds no duplicate."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from wanlite.registry import COMFYUI_SHA_TAG
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        found = client.search_model_versions(f"name = '{name}' and tags.{COMFYUI_SHA_TAG} = '{comfy_sha256}'")
-    except MlflowException:
-        return None
-    if not found:
-        return None
-    version = found[0]
-    aliases = list(client.get_model_version(name, version.version).aliases)
-    return {"kind": "register", "name": name, "version": version.version, "uri": f"models:/{name}/{version.version}",
-            "run_id": version.run_id, "aliases": aliases, "existing": True}  # fmt: skip
 
 
 # --- helpers -------------------------------------------------------------------------------------

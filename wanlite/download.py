@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wanlite.export import file_sha256, read_export, readable_mode
+from wanlite.mlflow_uri import prepare_tracking
 from wanlite.registry import COMFYUI_FILE_TAG, COMFYUI_SHA_TAG, COMFYUI_WORKFLOW_TAG, RegistryError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ COMFY_MODELS_SUBDIR = Path("models") / "diffusion_models"
 COMFY_WORKFLOWS_SUBDIR = Path("user") / "default" / "workflows"
 """Where ComfyUI's frontend keeps the default user's saved workflows (its user directory, `user/default/`)."""
 
+_BARE_SAFETENSORS = re.compile(r"^(?!\.)[^/\\:\x00]+\.safetensors$")
+"""A file name with no folder part (no '/', '\\', drive ':'), not hidden, ending in .safetensors."""
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -81,6 +84,7 @@ def fetch_version_dir(uri: str, subdir: str, dst: Path, *, tracking_uri: str | N
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
+    prepare_tracking(tracking_uri)
     version = resolve_version(MlflowClient(tracking_uri=tracking_uri), uri)
     local = download_artifacts(
         artifact_uri=f"{version.source}/{subdir}", dst_path=str(dst), tracking_uri=tracking_uri
@@ -128,12 +132,18 @@ def download(
     from mlflow.artifacts import download_artifacts
 
     models_dir = comfyui_models_dir(comfyui)
+    prepare_tracking(tracking_uri)
     version = resolve_version(MlflowClient(tracking_uri=tracking_uri), uri)
     name, expected = version.tags.get(COMFYUI_FILE_TAG), version.tags.get(COMFYUI_SHA_TAG)
     if not name or not expected:
         raise RegistryError(
             f"{uri}: version {version.version} has no {COMFYUI_FILE_TAG}/{COMFYUI_SHA_TAG} tags "
             "(not registered by wanlite register)"
+        )
+    if not _BARE_SAFETENSORS.match(name):
+        raise RegistryError(
+            f"{uri}: version {version.version} tag {COMFYUI_FILE_TAG}={name!r}: expected a bare file name "
+            f"ending in .safetensors (no folder, no '..'); refusing to write outside {models_dir}"
         )
     target = models_dir / name
     report = {"kind": "download", "uri": uri, "version": version.version, "path": str(target), "sha256": expected}

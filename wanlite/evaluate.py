@@ -190,10 +190,12 @@ def evaluate(
     model, arch, student_dir = load_student(student)
     sampling, guided, notes = evaluation_sampling(load_sampling(student_dir), str(student), steps, guided)
     steps = steps if steps is not None else sampling.steps
+    require_finite_weights(model, student_dir)
     preset = preset_for(arch)
-    size = size or (preset.image_size if preset else PRESETS["lite-1024"].image_size)
-    if size % 16:
-        raise ConfigError(f"size: expected a multiple of 16 (VAE 8 x patch 2), found {size}")
+    if size is None:
+        size = preset.image_size if preset else PRESETS["lite-1024"].image_size
+    if size <= 0 or size % 16:
+        raise ConfigError(f"size: expected a positive multiple of 16 (VAE 8 x patch 2), found {size}")
     teacher_dir = local_path(teacher)
     teacher_arch = TeacherReader(teacher_dir).arch
     check_pairing(arch, teacher_arch, f"student {student}")
@@ -213,6 +215,10 @@ def evaluate(
         for seed in seeds:
             log.info("evaluate: prompt %d/%d, seed %d", i + 1, len(prompt_list), seed)
             t_lat, s_lat = setup.sample(cond[i : i + 1], uncond[i : i + 1], seed, size, steps, sampling.steps)
+            for who, latents in (("teacher", t_lat), ("student", s_lat)):
+                if not torch.isfinite(latents).all():
+                    raise EvaluationError(f"{who} sampled non-finite latents (NaN or inf) for prompt {i}, seed {seed}; "
+                                          "no report written")  # fmt: skip
             negative = uncond[i : i + 1] if guided else None
             _velocity_grid(stats, predictors, setup.experts, t_lat, cond[i : i + 1], negative, sigmas, seed)
             teacher_latents.append(t_lat)
@@ -271,6 +277,14 @@ def check_pairing(student: WanArch, teacher: WanArch, source: str) -> None:
     ]
     if problems:
         raise EvaluationError(f"{source} does not fit the teacher: " + "; ".join(problems))
+
+
+def require_finite_weights(model: Any, source: Path) -> None:
+    """A student with NaN/inf weights has no meaningful score: refuse it, naming the tensors."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise EvaluationError(f"{source}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): {shown}")
 
 
 @dataclass

@@ -167,6 +167,16 @@ def export_state_dict(
     return {head + k: v.detach().to(dtype=dtype, device="cpu").contiguous() for k, v in native.items()}
 
 
+def require_finite(tensors: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Refuse to export NaN or inf (also what an fp32 value too large for bf16/fp16 becomes after the cast)."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ExportError(
+            f"{source}: non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}; nothing exported"
+        )
+
+
 def export_metadata(
     arch: WanArch,
     dtype: str,
@@ -330,6 +340,7 @@ def export_student(
     model, arch, student_dir = load_student(student)
     tensors = export_state_dict(model.state_dict(), arch, torch_dtype, prefix=prefix)
     del model
+    require_finite(tensors, student_dir)
     sampling = load_sampling(student_dir)
     if sampling is None:
         log.warning("%s records no sampling settings; its workflow uses the teacher's", student_dir)

@@ -19,7 +19,7 @@ import torch
 
 from wanlite.config import PRESETS, ConfigError, WanArch
 from wanlite.export import load_export, load_student, preset_for, read_export
-from wanlite.pipeline import build_pipeline, sampling_call_kwargs
+from wanlite.pipeline import build_pipeline, local_path, sampling_call_kwargs
 from wanlite.prompts import NEGATIVE_PROMPT
 from wanlite.sampling import Sampling, from_header, from_tags, load_sampling, teacher_sampling
 
@@ -43,7 +43,7 @@ def load_model(
             student, arch, _ = load_student(folder)
             sampling = from_tags(dict(version.tags), f"{text} (version {version.version})") or load_sampling(folder)
         return student, arch, f"{text} (version {version.version})", sampling
-    path = Path(text)
+    path = local_path(text) if "://" in text else Path(text)  # a store URI: file://, s3://
     if path.is_file():
         sampling = from_header(read_export(path).metadata, str(path))
         student = load_export(path, dtype=torch.float32)

@@ -54,8 +54,13 @@ def local_path(location: str | Path) -> Path:
 def load_tokenizer(teacher_dir: str | Path) -> PreTrainedTokenizerBase:
     """The umt5-xxl tokenizer shipped with the teacher (`google/umt5-xxl/` or `tokenizer/`)."""
     root = local_path(teacher_dir)
-    sub = NATIVE_TOKENIZER if detect_layout(root) == "native" else "tokenizer"
-    return AutoTokenizer.from_pretrained(root / sub)
+    folder = root / (NATIVE_TOKENIZER if detect_layout(root) == "native" else "tokenizer")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: expected the umt5-xxl tokenizer folder of the teacher, found nothing")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: expected the umt5-xxl tokenizer files, found an unusable folder ({err})") from None
 
 
 def load_text_encoder(

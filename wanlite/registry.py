@@ -32,6 +32,7 @@ from wanlite.config import CANDIDATE, CHAMPION
 from wanlite.evaluate import REPORT_JSON
 from wanlite.export import EXPORT_REPORT, dir_sha256, file_sha256, preset_for, read_export, student_arch
 from wanlite.model_card import CARD_FILE, mlflow_run_url, mlflow_version_url, model_card
+from wanlite.mlflow_uri import ensure_experiment, prepare_tracking
 from wanlite.pipeline import local_path
 from wanlite.sampling import Sampling, from_header, load_sampling, to_tags
 from wanlite.workflow import workflow_path
@@ -201,12 +202,19 @@ def register(
     import mlflow
     from mlflow import MlflowClient
 
+    prepare_tracking(tracking_uri)
     arch = student_arch(shipment.student_dir)
     preset = preset or _preset_name(arch, shipment.student_dir)
     teacher_sha256 = teacher_sha256 or shipment.export_report.get("metadata", {}).get("teacher_sha256")
     tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.create_run(_experiment_id(client, experiment, tracking_uri), run_name=f"register-{preset}")
+    existing = registered_version(client, name or model_name(preset), shipment)
+    if existing is not None:  # the same shipment registered again: no second run, no second version
+        log.info("%s is already registered as %s", shipment.export_file.name, existing["uri"])
+        return existing
+    run = client.create_run(
+        ensure_experiment(client, experiment, experiment_artifact_location(tracking_uri)), run_name=f"register-{preset}"
+    )
     run_id = run.info.run_id
     training = training_run_info(client, training_run_id, tracking_uri)
     card = model_card_for(shipment, arch, preset, model_name(preset), teacher_sha256, data_hash, training)
@@ -219,6 +227,28 @@ def register(
         raise
     report = _create_version(client, run, shipment, name or model_name(preset), teacher_sha256, data_hash)
     return describe_version(client, report, shipment, card, training, tracking_uri)
+
+
+def registered_version(client: Any, name: str, ship: Shipment) -> dict[str, Any] | None:
+    """The version already registered for this shipment (same ComfyUI file, student and score), or None."""
+    from mlflow.exceptions import MlflowException
+
+    sha = ship.export_report["sha256"]
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.{COMFYUI_SHA_TAG} = '{sha}'")
+    except MlflowException:  # no such model yet
+        return None
+    same = [
+        v for v in found
+        if v.tags.get("student_sha256") == ship.roundtrip_report["student_sha256"]
+        and v.tags.get(SCORE_TAG) == repr(float(ship.eval_report["score"]))
+    ]  # fmt: skip
+    if not same:
+        return None
+    version = min(same, key=lambda v: int(v.version))
+    aliases = list(client.get_model_version(name, version.version).aliases)
+    return {"kind": "register", "name": name, "version": version.version, "uri": f"models:/{name}/{version.version}",
+            "run_id": version.run_id, "aliases": aliases, "existing": True}  # fmt: skip
 
 
 def arch_params(
@@ -336,13 +366,6 @@ def _champion(client: Any, name: str) -> tuple[str, float, dict[str, str | None]
         return None
     recorded = current.tags.get(EVAL_SETTINGS_TAG)
     return current.version, float(current.tags.get(SCORE_TAG, "inf")), json.loads(recorded) if recorded else None
-
-
-def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=experiment_artifact_location(tracking_uri))
 
 
 def _preset_name(arch: Any, student_dir: Path) -> str:

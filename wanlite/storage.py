@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -660,15 +660,53 @@ def _difference(old: dict[str, FileEntry], new: dict[str, FileEntry]) -> str:
 
 
 def _scan_local(root: Path) -> dict[str, int]:
-    """Regular files under root (symlinks followed), sorted relative path -> size; bookkeeping files skipped."""
+    """Regular files under root, sorted relative path -> size; bookkeeping files skipped, escaping symlinks refused."""
+    return scan_local_files(root, wanted=lambda rel: rel not in RESERVED_NAMES)
+
+
+def scan_local_files(
+    root: Path, *, wanted: Callable[[str], bool] = lambda rel: True, also_inside: tuple[Path, ...] = ()
+) -> dict[str, int]:
+    """Files under root (symlinks followed only where they stay inside), sorted relative path -> size.
+
+    A symlink whose target resolves outside root (or outside one of
+    `also_inside`, e.g. a hub cache's `blobs/`) raises StoreError naming it:
+    uploading it would publish a file from elsewhere on this machine
+    (`notes.md -> /etc/shadow`). A symlinked directory that points back to
+    one of its ancestors is refused too (walking it would never end).
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: expected a directory to upload, found {'a file' if root.exists() else 'nothing'}")
+    allowed = tuple(p.resolve() for p in (root, *also_inside))
     found: dict[str, int] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in RESERVED_NAMES:
-            found[rel] = path.stat().st_size
-    return found
+    for here, dirs, files in os.walk(root, followlinks=True):
+        here_path = Path(here)
+        for name in sorted(dirs):
+            link = here_path / name
+            if link.is_symlink():
+                target = _inside(link, root, allowed)
+                if here_path.resolve().is_relative_to(target):
+                    raise StoreError(f"{link}: a symlink to {target}, which contains it (a loop); not followed")
+        for name in files:
+            path = here_path / name
+            rel = path.relative_to(root).as_posix()
+            if not wanted(rel):
+                continue
+            _inside(path, root, allowed)
+            if path.is_file():
+                found[rel] = path.stat().st_size
+    return dict(sorted(found.items()))
+
+
+def _inside(path: Path, root: Path, allowed: tuple[Path, ...]) -> Path:
+    """path's real location, after checking it lies inside one of `allowed`."""
+    target = path.resolve()
+    if not any(target.is_relative_to(base) for base in allowed):
+        raise StoreError(
+            f"{path}: a symlink to {target}, outside {root}; refusing to copy a file from elsewhere on this "
+            "machine (copy the file itself into the folder if it belongs there)"
+        )
+    return target
 
 
 def _hash_file(path: Path, chunk_size: int) -> FileEntry:

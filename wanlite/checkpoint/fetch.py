@@ -1,19 +1,20 @@
 """Copy a teacher checkpoint into the store, content-addressed: `teachers/<sha16>/`.
 
-The address is the first 16 hex digits of a sha256 over every `*.json` file of
-the checkpoint (configs, shard indexes, model_index.json, tokenizer configs):
-sorted relative paths with their sizes and bytes. It is cheap (no 28 GB of
-weights to hash before we know whether to copy them) and it identifies a
-release, because the shard indexes pin every tensor name and the total size.
-Two checkpoints with byte-identical JSON but different weights of identical
-sizes (a re-trained model in the same shape) would share an address; a second
-fetch of such a checkpoint is caught only when file names or sizes differ.
+The address is the first 16 hex digits of a sha256 over the checkpoint's
+listing: every file's relative path, size and sha256, sorted by path. It is
+sensitive to every byte of the weights, so a damaged copy (one flipped bit)
+fetched first gets its own address and can never shadow the good checkpoint.
+The cost is one full read of the source before anything is copied (sha256 of
+28 GB per A14B expert; see README "Fetch"), and a second read to copy it when
+the address is new; a re-fetch of a checkpoint already in the store costs that
+one read and copies nothing. Each copied file's sha256 must equal the one the
+address was computed from, so a source that changes during the fetch is
+refused rather than stored under the wrong address.
 
 Resumable: after each file is copied its size and sha256 are recorded in
-`_PARTIAL.json` next to it, so a re-run skips files already recorded there and
-present in the store with that size (no re-hashing of gigabytes). The
-manifest is written last; once it exists a fetch of the same checkpoint is
-skipped entirely.
+`_PARTIAL.json` next to it, so a re-run skips files already recorded there with
+the same sha256 and present in the store with that size. The manifest is
+written last; once it exists a fetch of the same checkpoint copies nothing.
 """
 
 from __future__ import annotations
@@ -31,13 +32,23 @@ from typing import Any, BinaryIO
 from tqdm import tqdm
 
 from wanlite.checkpoint.layout import LayoutError, detect_layout
-from wanlite.storage import RESERVED_NAMES, FileEntry, Manifest, Store, StoreError, default_cache_dir, join_key
+from wanlite.storage import (
+    RESERVED_NAMES,
+    FileEntry,
+    Manifest,
+    Store,
+    StoreError,
+    default_cache_dir,
+    join_key,
+    scan_local_files,
+)
 
 log = logging.getLogger(__name__)
 
 TEACHERS_PREFIX = "teachers"
 PARTIAL_NAME = "_PARTIAL.json"
-ADDRESS_SCHEME = "sha256 over sorted *.json files: relpath NUL size NUL bytes; first 16 hex"
+ADDRESS_SCHEME = "sha256 over every file, sorted by path: relpath NUL size NUL sha256-hex NL; first 16 hex"
+HASH_CHUNK = 8 * 2**20
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -62,16 +73,22 @@ def _wanted(rel: str) -> bool:
 
 
 def local_source(path: Path, uri: str | None = None) -> Source:
-    """A checkpoint directory on this machine (symlinked files, as in a hub cache, are followed)."""
+    """A checkpoint directory on this machine.
+
+    Symlinks are followed only where they stay inside the checkpoint, or, for
+    a hub cache snapshot (`.../snapshots/<revision>/`), inside that repo's
+    `blobs/`: a link to anywhere else is refused, naming it.
+    """
     if not path.is_dir():
         what = "a file" if path.exists() else "nothing (no such path)"
         raise FileNotFoundError(f"{path}: expected a checkpoint directory, found {what}")
-    files = {
-        rel: p.stat().st_size
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and _wanted(rel := p.relative_to(path).as_posix())
-    }
-    return Source(uri=uri or str(path.resolve()), files=files, open=lambda rel: open(path / rel, "rb"), local_root=path)
+    real = path.resolve()
+    hub_blobs = (real.parent.parent / "blobs",) if real.parent.name == "snapshots" else ()
+    try:
+        files = scan_local_files(path, wanted=_wanted, also_inside=hub_blobs)
+    except StoreError as err:
+        raise FetchError(str(err)) from None
+    return Source(uri=uri or str(real), files=files, open=lambda rel: open(path / rel, "rb"), local_root=path)
 
 
 def s3_source(uri: str) -> Source:
@@ -126,15 +143,38 @@ def resolve_source(src: str, *, revision: str | None = None, progress: bool = Tr
     return hub_source(src, revision, progress)
 
 
-def content_address(source: Source) -> tuple[str, dict[str, bytes]]:
-    """(sha16, the JSON files' bytes): the checkpoint's address in the store (see the module docstring)."""
+@dataclass
+class Address:
+    """Where a checkpoint lives in the store, and the per-file hashes it was computed from."""
+
+    sha16: str
+    hashes: dict[str, FileEntry]  # relative path -> size, sha256 (every file)
+    blobs: dict[str, bytes]  # the JSON files' bytes (layout detection of a remote source)
+
+
+def content_address(source: Source, *, progress: bool = False) -> Address:
+    """Hash every file of the source once (see the module docstring); JSON files are kept in memory."""
     digest = hashlib.sha256()
+    hashes: dict[str, FileEntry] = {}
     blobs: dict[str, bytes] = {}
-    for rel in sorted(r for r in source.files if r.endswith(".json")):
-        with source.open(rel) as fh:
-            blobs[rel] = fh.read()
-        digest.update(f"{rel}\0{len(blobs[rel])}\0".encode() + blobs[rel])
-    return digest.hexdigest()[:16], blobs
+    with tqdm(total=sum(source.files.values()), desc="hash", unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not progress, leave=False) as bar:  # fmt: skip
+        for rel in sorted(source.files):
+            sha, size = hashlib.sha256(), 0
+            keep = rel.endswith(".json")
+            chunks: list[bytes] = []
+            with source.open(rel) as fh:
+                while chunk := fh.read(HASH_CHUNK):
+                    sha.update(chunk)
+                    size += len(chunk)
+                    bar.update(len(chunk))
+                    if keep:
+                        chunks.append(chunk)
+            hashes[rel] = FileEntry(size=size, sha256=sha.hexdigest())
+            if keep:
+                blobs[rel] = b"".join(chunks)
+            digest.update(f"{rel}\0{size}\0{hashes[rel].sha256}\n".encode())
+    return Address(digest.hexdigest()[:16], hashes, blobs)
 
 
 def source_layout(source: Source, blobs: dict[str, bytes]) -> str:
@@ -158,18 +198,17 @@ def fetch_teacher(src: str, store: Store, *, progress: bool = True, revision: st
     manifest already existed), copied_files, resumed_files, bytes_copied.
     """
     source = resolve_source(src, revision=revision, progress=progress)
-    sha16, blobs = content_address(source)
-    layout = source_layout(source, blobs)
+    address = content_address(source, progress=progress)
+    sha16 = address.sha16
+    layout = source_layout(source, address.blobs)
     key = join_key(TEACHERS_PREFIX, sha16)
     report: dict[str, Any] = {"uri": store.uri(key), "key": key, "sha16": sha16, "layout": layout, "source": source.uri}
 
-    existing = store.read_manifest(key)
-    if existing is not None:
-        _check_same_checkpoint(existing, source, store.uri(key))
+    if store.read_manifest(key) is not None:
         log.info("%s is already in the store at %s; nothing copied", source.uri, report["uri"])
         return {**report, "skipped": True, "copied_files": 0, "resumed_files": 0, "bytes_copied": 0}
 
-    entries, copied = _copy_resumable(source, store, key, progress)
+    entries, copied = _copy_resumable(source, address.hashes, store, key, progress)
     meta = {
         "kind": "teacher",
         "source": source.uri,
@@ -190,18 +229,6 @@ def fetch_teacher(src: str, store: Store, *, progress: bool = True, revision: st
     }
 
 
-def _check_same_checkpoint(existing: Manifest, source: Source, uri: str) -> None:
-    """Same address but other file names or sizes: the JSON matched by accident; refuse to pretend."""
-    stored = {rel: e.size for rel, e in existing.files.items()}
-    if stored != source.files:
-        names = sorted({rel for rel, _ in set(stored.items()) ^ set(source.files.items())})
-        raise StoreError(
-            f"{uri} holds a checkpoint with the same JSON files as {source.uri} but different data files "
-            f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}); refusing to treat them as the same",
-            uri=uri,
-        )
-
-
 def _load_partial(store: Store, key: str) -> dict[str, FileEntry]:
     """Files finished by an earlier, interrupted fetch (an unreadable record just means none)."""
     pkey = join_key(key, PARTIAL_NAME)
@@ -215,13 +242,13 @@ def _load_partial(store: Store, key: str) -> dict[str, FileEntry]:
         return {}
 
 
-def _copy_resumable(source: Source, store: Store, key: str, progress: bool) -> tuple[dict[str, FileEntry], list[str]]:
+def _copy_resumable(
+    source: Source, hashes: dict[str, FileEntry], store: Store, key: str, progress: bool
+) -> tuple[dict[str, FileEntry], list[str]]:
     """Copy every source file not already done; return (all entries, the files copied this time)."""
     done = _load_partial(store, key)
     present = store.sizes(key) if done else {}
-    entries = {
-        rel: e for rel, e in done.items() if source.files.get(rel) == e.size and present.get(rel) == e.size
-    }
+    entries = {rel: e for rel, e in done.items() if hashes.get(rel) == e and present.get(rel) == e.size}
     if entries:
         log.info("resuming %s: %d of %d files already copied", store.uri(key), len(entries), len(source.files))
     todo = [rel for rel in source.files if rel not in entries]
@@ -240,10 +267,11 @@ def _copy_resumable(source: Source, store: Store, key: str, progress: bool) -> t
         for rel in todo:
             with source.open(rel) as fh:
                 entry = store.put_stream(join_key(key, rel), fh, bar=bar)
-            if entry.size != source.files[rel]:
+            if entry != hashes[rel]:
                 raise FetchError(
-                    f"{source.uri}/{rel}: expected {source.files[rel]} bytes (as listed), read {entry.size}: "
-                    "the source changed during the fetch"
+                    f"{source.uri}/{rel}: expected {hashes[rel].size} bytes with sha256 {hashes[rel].sha256} "
+                    f"(as hashed for the address), read {entry.size} bytes with sha256 {entry.sha256}: "
+                    "the source changed during the fetch; fetch it again once it is stable"
                 )
             entries[rel] = entry
             copied.append(rel)

@@ -9,7 +9,7 @@ validator and the readers cannot disagree about them.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 Layout = Literal["native", "diffusers"]
@@ -68,3 +68,11 @@ def _describe(path: Path) -> str:
     if not path.exists():
         return "nothing (no such path)"
     return "a file" if path.is_file() else "a special file"
+
+
+def is_shard_name(shard: object) -> bool:
+    """A weight_map entry that stays inside its folder: a relative path with no `..`, no drive, no backslash."""
+    if not isinstance(shard, str) or not shard or "\\" in shard or ":" in shard:
+        return False
+    path = PurePosixPath(shard)
+    return not path.is_absolute() and ".." not in path.parts

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from wanlite.checkpoint.layout import (
@@ -33,6 +33,7 @@ from wanlite.checkpoint.layout import (
     SINGLE_SHARD,
     LayoutError,
     detect_layout,
+    is_shard_name,
 )
 from wanlite.checkpoint.transformer_keys import (
     diffusers_to_native_names,
@@ -68,6 +69,11 @@ def _weight_map(folder: Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise TeacherReadError(f"{index}: expected a non-empty 'weight_map', found {weight_map!r}")
+        escaping = sorted({str(shard) for shard in weight_map.values() if not is_shard_name(shard)})
+        if escaping:
+            raise TeacherReadError(
+                f"{index}: weight_map: expected shard file names inside {folder}, found {', '.join(escaping[:3])}"
+            )
         return {name: folder / shard for name, shard in weight_map.items()}
     if single.is_file():
         with safe_open(str(single), framework="pt") as fh:
@@ -142,13 +148,20 @@ class TeacherReader:
         file, stored = self.location(expert, native_name)
         if not file.is_file():
             raise TeacherReadError(f"{file}: missing shard (the index lists {stored!r} in it)")
-        with safe_open(str(file), framework="pt") as fh:
-            if stored not in fh.keys():
-                raise TeacherReadError(f"{file}: missing tensor {stored!r} (the shard index lists it here)")
-            value = fh.get_tensor(stored)
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                if stored not in fh.keys():
+                    raise TeacherReadError(f"{file}: missing tensor {stored!r} (the shard index lists it here)")
+                value = fh.get_tensor(stored)
+        except SafetensorError as err:  # bad header: offsets overlapping, past the end of the file, ...
+            raise TeacherReadError(
+                f"{file}: {stored}: unreadable safetensors file ({err}); run `wanlite validate`"
+            ) from None
         expected = native_tensor_shapes(self.arch)[native_name]
         if tuple(value.shape) != expected:
             raise TeacherReadError(f"{file}: {stored}: expected shape {expected}, found {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TeacherReadError(f"{file}: {stored}: expected a floating-point weight, found {value.dtype}")
         return value
 
     def rows(self, expert: str, native_name: str, start: int, stop: int) -> torch.Tensor:

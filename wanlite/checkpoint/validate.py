@@ -54,6 +54,7 @@ from wanlite.checkpoint.layout import (
     NATIVE_VAE,
     LayoutError,
     detect_layout,
+    is_shard_name,
 )
 from wanlite.checkpoint.transformer_keys import arch_from_native_shapes, native_tensor_shapes, native_to_diffusers_names
 from wanlite.config import BOUNDARY_RATIO, ConfigError, WanArch
@@ -469,6 +470,11 @@ def _read_index(chk: _Checker, index: Path) -> tuple[dict[str, str] | None, int 
             raise TypeError("weight_map is not an object of shard file names")
     except (OSError, ValueError, KeyError, TypeError) as err:
         chk.add(index, "weight_map", "a JSON index {metadata, weight_map: {tensor: shard}}", f"unreadable ({err})")
+        return None, None
+    escaping = sorted({shard for shard in weight_map.values() if not is_shard_name(shard)})
+    for shard in escaping:
+        chk.add(index, f"weight_map -> {shard}", f"a shard file name inside {index.parent}", "a path outside it")
+    if escaping:
         return None, None
     total = data.get("metadata", {}).get("total_size") if isinstance(data.get("metadata"), dict) else None
     return weight_map, total

@@ -57,11 +57,12 @@ def prepare_mlflow(tracking_uri: str, artifacts: Path) -> None:
 
     from wanlite.distill.steps_options import DEFAULT_EXPERIMENT as STEPS_EXPERIMENT
     from wanlite.distill.tracking import DEFAULT_EXPERIMENT
+    from wanlite.mlflow_uri import ensure_experiment, prepare_tracking
 
+    prepare_tracking(tracking_uri)  # a fresh database's schema, created once even when two demos start together
     client = MlflowClient(tracking_uri=tracking_uri)
     for name in (DEFAULT_EXPERIMENT, STEPS_EXPERIMENT, REGISTRY_EXPERIMENT):
-        if client.get_experiment_by_name(name) is None:
-            client.create_experiment(name, artifact_location=(artifacts / name).absolute().as_uri())
+        ensure_experiment(client, name, (artifacts / name).absolute().as_uri())
 
 
 def run(args: argparse.Namespace) -> int:

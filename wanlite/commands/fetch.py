@@ -12,10 +12,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="copy a Wan 2.2 teacher checkpoint into the store (teachers/<sha16>/) and print its URI",
         description=(
             "Copy a Wan 2.2 T2V-A14B checkpoint (native or diffusers layout) into the object store under "
-            "teachers/<sha16>/, where sha16 is a sha256 over the checkpoint's *.json files (configs, shard "
-            "indexes, model_index.json, tokenizer configs): the same checkpoint always lands at the same "
-            "address and a second fetch is skipped. Every file is streamed with its sha256 recorded; an "
-            "interrupted fetch, run again, skips the files it already copied; the manifest is written last. "
+            "teachers/<sha16>/, where sha16 is a sha256 over every file's path, size and sha256 (so the "
+            "whole source is read once to hash it before copying): the same checkpoint always lands at the "
+            "same address, a second fetch copies nothing, and a damaged copy gets another address. Symlinks "
+            "that point outside the checkpoint (other than a hub cache's blobs/) are refused. Every file is "
+            "streamed with its sha256 recorded; an interrupted fetch, run again, skips the files it already "
+            "copied; the manifest is written last. "
             "Prints only the teacher's store URI on stdout (progress and logs go to stderr), so "
             "`TEACHER=$(wanlite fetch ...)` works in scripts. "
             "A hub id is downloaded with huggingface_hub first; where the hub is unreachable (offline "

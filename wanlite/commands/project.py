@@ -154,9 +154,13 @@ def _calibration_data(path: Path | None) -> tuple[torch.Tensor | None, torch.Ten
     """(latents, context) from a safetensors file, or (None, None)."""
     if path is None:
         return None, None
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"--calib-data {path}: expected a safetensors file, found unreadable data ({err})") from None
     if "latents" not in tensors:
         raise ValueError(f"{path}: expected a 'latents' tensor [N,16,h,w], found {', '.join(tensors) or 'nothing'}")
     return tensors["latents"], tensors.get("context")

@@ -21,6 +21,10 @@ from wanlite.distill.options import TrainConfig, config_to_argv, default_run_nam
 log = logging.getLogger(__name__)
 
 
+class LaunchError(RuntimeError):
+    """The torchrun job failed; the message says where its error is and how to continue."""
+
+
 def torchrun_command(cfg: TrainConfig, nproc: int, *, nnodes: int = 1, rendezvous: str | None = None) -> list[str]:
     """`torchrun ... --nproc-per-node N -m wanlite.distill.train <flags>` with this interpreter.
 
@@ -71,11 +75,18 @@ def distill(cfg: TrainConfig, *, nproc: int = 1) -> dict[str, Any]:
 
         fp = fingerprint(cfg, nproc, artifact_digest(cfg.data), artifact_digest(cfg.embeddings))
         cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg, fp))
+    env = child_env()
+    if cfg.mlflow_uri:  # through the environment: a command line is readable by every user of the machine (ps)
+        env["MLFLOW_TRACKING_URI"] = cfg.mlflow_uri
+        cfg = dataclasses.replace(cfg, mlflow_uri=None)
     command = torchrun_command(cfg, nproc)
     log.info("launching %s", " ".join(command[:7]))
-    status = subprocess.run(command, check=False, env=child_env()).returncode
+    status = subprocess.run(command, check=False, env=env).returncode
     if status != 0:
-        raise RuntimeError(f"distill: torchrun with {nproc} processes exited with status {status} (see its log above)")
+        raise LaunchError(
+            f"torchrun with {nproc} processes exited with status {status}: the failing rank's error is in the "
+            f"log above; a run that wrote a checkpoint continues from it when launched again with --resume"
+        )
     from wanlite.distill.train import final_result
     from wanlite.storage import Store
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,3 +178,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("feature_weight, grid_every, warmup_steps: expected values >= 0")
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError(f"ema_decay: expected a value in [0, 1), found {cfg.ema_decay}")
+    floats = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), float)}
+    for name, value in floats.items():  # nan passes every comparison below: refuse it first
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, found {value}")
+    for name in ("lr", "shift", "guidance_high", "guidance_low", "feature_mask_k"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}: expected a value > 0, found {getattr(cfg, name)}")
+    if cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise ConfigError(f"weight_decay, grad_clip: expected values >= 0, found {cfg.weight_decay}, {cfg.grad_clip}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError(f"min_lr_ratio: expected a value in [0, 1], found {cfg.min_lr_ratio}")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        raise ConfigError(f"peak_tflops: expected a value > 0, found {cfg.peak_tflops}")

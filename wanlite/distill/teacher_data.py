@@ -22,10 +22,14 @@ that worker; finished shards are never redone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +80,12 @@ def find_images(folder: Path, prompts: list[str]) -> list[tuple[Path, int]]:
         caption_file = image.with_suffix(".txt")
         if not caption_file.is_file():
             raise FileNotFoundError(f"{caption_file}: expected the caption of {image.name} (one line of text)")
-        caption = caption_file.read_text(encoding="utf-8").strip()
+        try:
+            caption = caption_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{caption_file}: expected UTF-8 text, found byte {err.object[err.start]:#04x} at "
+                             f"offset {err.start}") from None  # fmt: skip
+        check_image(image)
         if caption not in rows:
             raise ValueError(
                 f"{caption_file}: caption {caption[:80]!r} is not in the embedding set; add it to the prompt "
@@ -88,9 +97,26 @@ def find_images(folder: Path, prompts: list[str]) -> list[tuple[Path, int]]:
     return pairs
 
 
+@contextlib.contextmanager
+def _image_errors(path: Path) -> Iterator[None]:
+    """A corrupt file or a decompression bomb (more than PIL's MAX_IMAGE_PIXELS) -> ValueError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: expected a readable image, found {type(err).__name__}: {err}") from None
+
+
+def check_image(path: Path) -> None:
+    """Refuse an unreadable image before any sampling starts (header and checksums only, no decoding)."""
+    with _image_errors(path), Image.open(path) as img:
+        img.verify()
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
     """An RGB image scaled so its short side is `size`, centre-cropped square, as [3, size, size] in [-1, 1]."""
-    with Image.open(path) as img:
+    with _image_errors(path), Image.open(path) as img:
         img = img.convert("RGB")
         scale = size / min(img.size)
         w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
@@ -129,8 +155,11 @@ def teacher_data(
     """
     from wanlite.storage import Manifest, Store, join_key
 
-    if image_size % 16:
-        raise ValueError(f"image_size: expected a multiple of 16 (VAE 8 x patch 2), found {image_size}")
+    if image_size <= 0 or image_size % 16:
+        raise ValueError(f"image_size: expected a positive multiple of 16 (VAE 8 x patch 2), found {image_size}")
+    for name, number in (("shift", shift), ("guidance_high", guidance_high), ("guidance_low", guidance_low)):
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{name}: expected a finite value > 0, found {number}")
     if not teacher_samples and images is None:
         raise ValueError("teacher-data: nothing to do: --no-teacher-samples needs --images DIR")
     for name, value in (("samples_per_prompt", samples_per_prompt), ("steps", steps), ("shard_size", shard_size),
@@ -273,6 +302,12 @@ class _ShardMaker:
                 images = torch.stack([load_image(self.pairs[i][0], self.size) for i in batch])
                 latents.append(encode_images(self.vae(), images).cpu())
             prompt_rows += prompt_index
+        bad = [rows[i] for i, x in enumerate(torch.cat(latents)) if not torch.isfinite(x).all()]
+        if bad:
+            raise ValueError(
+                f"teacher-data: {source} samples {bad[:8]} came out non-finite (NaN or inf); nothing of this shard "
+                "was published (check --shift, the guidance scales and the teacher's weights)"
+            )
         save_file(
             {"latents": torch.cat(latents).float().contiguous(), "prompt_index": torch.tensor(prompt_rows)},
             folder / LATENTS_FILE,

@@ -18,6 +18,7 @@ from PIL import Image
 
 from wanlite.config import WanArch
 from wanlite.distill.options import DEFAULT_EXPERIMENT
+from wanlite.mlflow_uri import ensure_experiment, prepare_tracking, redact_text, redact_uri
 from wanlite.pipeline import TEXT_LEN
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,15 @@ class Tracker:
             return None
         import mlflow
 
+        prepare_tracking(self.uri)  # seconds, not MLflow's minutes of retries, before any training
         mlflow.set_tracking_uri(self.uri)
-        if mlflow.get_experiment_by_name(self.experiment) is None:
-            mlflow.create_experiment(self.experiment, artifact_location=local_artifact_location(self.uri))
+        ensure_experiment(mlflow.MlflowClient(self.uri), self.experiment, local_artifact_location(self.uri))
         mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=True)
         self.run_id = run.info.run_id
         if run_id is None:
             mlflow.log_params({k: _param(v) for k, v in params.items()})
-        log.info("MLflow run %s at %s (experiment %s)", self.run_id, self.uri, self.experiment)
+        log.info("MLflow run %s at %s (experiment %s)", self.run_id, redact_uri(self.uri), self.experiment)
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -99,8 +100,8 @@ def local_artifact_location(uri: str) -> str | None:
 
 
 def _param(value: Any) -> str:
-    """MLflow params are strings of at most 6000 characters."""
-    return str(value)[:6000]
+    """MLflow params are strings of at most 6000 characters, never holding a credential."""
+    return redact_text(str(value))[:6000]
 
 
 def image_grid(rows: list[torch.Tensor]) -> Image.Image:

@@ -58,8 +58,10 @@ from wanlite.distill.options import (
     validate,
 )
 from wanlite.distill.tracking import Tracker, image_grid, peak_flops, viewable, wan_forward_flops
+from wanlite.mlflow_uri import TrackingError, redact_text, redact_uri, redacting_logs
 from wanlite.pipeline import TEXT_LEN
 from wanlite.sampling import save_sampling
+from wanlite.storage import StoreError
 from wanlite.text_padding import compact_text_padding
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,30 @@ def init_distributed() -> Dist:
 
 def scalar(value: torch.Tensor) -> float:
     return float(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+class NonFiniteError(ValueError):
+    """A step produced a NaN or infinite loss or gradient norm; the run stops before it can save or publish one."""
+
+
+def stop_if_non_finite(step: int, loss: float, grad_norm: torch.Tensor | None, model: nn.Module) -> None:
+    """Raise NonFiniteError BEFORE the optimizer steps when the loss or the gradient norm is not finite.
+
+    Every rank sees the same values (the loss is all-reduced, the norm is over
+    all ranks' gradients), so all ranks stop together: the weights, the
+    checkpoints and the store keep only finite, earlier states; the MLflow run
+    is marked FAILED by `execute`. grad_norm None (no clipping): the norm is
+    computed here, with an infinite clip bound, which changes no gradient.
+    """
+    if grad_norm is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+    norm = scalar(grad_norm)
+    bad = [f"{name} = {value}" for name, value in (("loss", loss), ("grad_norm", norm)) if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteError(
+            f"step {step}: non-finite {' and '.join(bad)}; stopped before the optimizer step: no checkpoint of it "
+            "was written and nothing was published (lower --lr, raise --warmup-steps, or check the data)"
+        )
 
 
 # --- the models ----------------------------------------------------------------------------
@@ -285,6 +311,7 @@ class _Run:
                 grad_norm = None
                 if cfg.grad_clip:
                     grad_norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.grad_clip)
+                stop_if_non_finite(step + 1, float(stats[0]) / cfg.batch_size, grad_norm, p.model)
                 lr = p.scheduler.get_last_lr()[0]  # the rate this step used
                 p.optimizer.step()
                 p.scheduler.step()
@@ -481,7 +508,7 @@ class _Run:
                 "steps": self.cfg.steps,
                 "metrics": metrics,
                 "mlflow_run_id": log_state["mlflow_run_id"],
-                "mlflow_tracking_uri": tracking_uri,
+                "mlflow_tracking_uri": redact_uri(tracking_uri),
             }
             manifest = self.store.put_dir(tmp, final_key, meta={"kind": "wanlite-student", "result": result},
                                           progress=False)  # fmt: skip
@@ -585,11 +612,11 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     cfg = config_from_args(parser.parse_args(argv))
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    redacting_logs(logging.INFO, f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     try:
         train(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"wanlite distill: error: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, StoreError, TrackingError) as err:
+        print(f"wanlite distill: error: [rank{rank}] {redact_text(str(err))}", file=sys.stderr)
         return 2
     return 0
 

@@ -350,7 +350,7 @@ def _attach(model: nn.Module, stats: Statistics) -> list[torch.utils.hooks.Remov
 
     def block_hook(i: int):
         def capture(block: nn.Module, args: tuple) -> None:
-            hidden, _ctx, temb = args[0], args[1], args[2]
+            hidden, temb = args[0], args[2]
             e = block.scale_shift_table.float() + temb.float()  # [B, 6, d]: shift, scale, gate (x2)
             gates[i] = (e[:, 2], e[:, 5])
             add(stats.residual_energy, i, hidden.float().pow(2).sum((0, 1)))
