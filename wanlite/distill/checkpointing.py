@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from wanlite.config import ConfigError
 from wanlite.storage import FileEntry, Manifest, Store, StoreError, join_key
 
 log = logging.getLogger(__name__)
@@ -278,3 +280,45 @@ def staging_folder(root: Path, run_name: str) -> Path:
     launch = [new_launch_id() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(launch, src=0)
     return root / run_name / str(launch[0])
+
+
+def open_run(
+    store: Store, run_key: str, run_name: str, fp: dict[str, Any], *, resume: bool, staging_dir: str | None,
+    finished: bool,
+) -> CheckpointManager | None:
+    """The run's checkpoint manager; None when the run has already published its result.
+
+    Without `resume`, a run that has written anything is an error (nothing is
+    overwritten). A finished run found with `resume` must have been written by
+    this config (`fp`), else that is an error too. Staging goes under
+    `staging_dir` (node-local; default the system temp folder), one folder per launch.
+    """
+    from wanlite.distill.options import check_resumable
+
+    steps = checkpoint_steps(store, run_key)
+    if steps and not resume:
+        raise ConfigError(
+            f"run {run_name}: {store.uri(checkpoint_key(run_key, steps[0]))} already exists; pass --resume to "
+            "continue (or to fetch the result of) that run, or choose another --run-name (nothing was overwritten)"
+        )
+    if finished:
+        latest = latest_checkpoint(store, run_key)
+        if latest is not None:
+            check_resumable(fp, read_trainer_state(store, latest[1])["fingerprint"], store.uri(latest[1]))
+        return None
+    root = Path(staging_dir) if staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
+    return CheckpointManager(store, run_key, staging_folder(root, run_name))
+
+
+def resume_point(ckpt: CheckpointManager, fp: dict[str, Any], *, resume: bool) -> Restored | None:
+    """With `resume`, the newest good checkpoint (verified on every rank, written by this config `fp`), else None."""
+    from wanlite.distill.options import check_resumable
+
+    if not resume:
+        return None
+    restored = ckpt.restore()
+    if restored is None:
+        log.info("--resume: nothing to resume under %s yet; starting at step 0", ckpt.store.uri(ckpt.run_key))
+        return None
+    check_resumable(fp, restored.trainer_state["fingerprint"], ckpt.store.uri(restored.key))
+    return restored

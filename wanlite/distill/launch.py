@@ -25,8 +25,16 @@ class LaunchError(RuntimeError):
     """The torchrun job failed; the message says where its error is and how to continue."""
 
 
-def torchrun_command(cfg: TrainConfig, nproc: int, *, nnodes: int = 1, rendezvous: str | None = None) -> list[str]:
-    """`torchrun ... --nproc-per-node N -m wanlite.distill.train <flags>` with this interpreter.
+TRAIN_MODULE = "wanlite.distill.train"
+
+
+def torchrun_command(
+    cfg: Any, nproc: int, *, nnodes: int = 1, rendezvous: str | None = None, module: str = TRAIN_MODULE
+) -> list[str]:
+    """`torchrun ... --nproc-per-node N -m <module> <flags>` with this interpreter.
+
+    `cfg` is the module's config dataclass (`TrainConfig`, or `StepsConfig`
+    for `wanlite.distill.steps`), written back as its command-line flags.
 
     One node: `--standalone`. Several: run this command once per node with the
     same `rendezvous` (`host:port` of the c10d rendezvous store, which the
@@ -36,10 +44,10 @@ def torchrun_command(cfg: TrainConfig, nproc: int, *, nnodes: int = 1, rendezvou
         where = ["--standalone"]
     else:
         where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
-                 f"--rdzv-id={cfg.run_name or 'wanlite'}"]  # fmt: skip
+                 f"--rdzv-id={cfg.run_name or module.rsplit('.', 1)[-1]}"]  # fmt: skip
     return [
         sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
-        "-m", "wanlite.distill.train", *config_to_argv(cfg),
+        "-m", module, *config_to_argv(cfg),
     ]  # fmt: skip
 
 
@@ -75,22 +83,31 @@ def distill(cfg: TrainConfig, *, nproc: int = 1) -> dict[str, Any]:
 
         fp = fingerprint(cfg, nproc, artifact_digest(cfg.data), artifact_digest(cfg.embeddings))
         cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg, fp))
+    return run_torchrun(cfg, nproc, TRAIN_MODULE, "distill")
+
+
+def run_torchrun(cfg: Any, nproc: int, module: str, what: str) -> dict[str, Any]:
+    """Run `module` on `nproc` local ranks under torchrun and return the run's final manifest.
+
+    The MLflow URI goes to the ranks through the environment, never the
+    command line: a command line is readable by every user of the machine (ps).
+    """
+    from wanlite.distill.train import final_result
+    from wanlite.storage import Store
+
     env = child_env()
-    if cfg.mlflow_uri:  # through the environment: a command line is readable by every user of the machine (ps)
+    if cfg.mlflow_uri:
         env["MLFLOW_TRACKING_URI"] = cfg.mlflow_uri
         cfg = dataclasses.replace(cfg, mlflow_uri=None)
-    command = torchrun_command(cfg, nproc)
+    command = torchrun_command(cfg, nproc, module=module)
     log.info("launching %s", " ".join(command[:7]))
     status = subprocess.run(command, check=False, env=env).returncode
     if status != 0:
         raise LaunchError(
-            f"torchrun with {nproc} processes exited with status {status}: the failing rank's error is in the "
-            f"log above; a run that wrote a checkpoint continues from it when launched again with --resume"
+            f"{what}: torchrun with {nproc} processes exited with status {status}: the failing rank's error is in "
+            f"the log above; a run that wrote a checkpoint continues from it when launched again with --resume"
         )
-    from wanlite.distill.train import final_result
-    from wanlite.storage import Store
-
     result = final_result(Store.from_env(cfg.out), f"runs/{cfg.run_name}")
     if result is None:
-        raise RuntimeError(f"distill: torchrun succeeded but runs/{cfg.run_name}/final has no manifest in {cfg.out}")
+        raise RuntimeError(f"{what}: torchrun succeeded but runs/{cfg.run_name}/final has no manifest in {cfg.out}")
     return result

@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ from tqdm import tqdm
 from wanlite.config import SAMPLE_SHIFT, ConfigError, WanArch
 from wanlite.distill import checkpointing, objective, parallel
 from wanlite.distill.data import BatchOrder, EmbeddingSet
-from wanlite.distill.options import add_arguments, check_resumable, config_from_args, config_to_argv
+from wanlite.distill.options import add_arguments, config_from_args
 from wanlite.distill.steps_options import REQUIRED, StepsConfig, default_run_name, fingerprint, validate
 from wanlite.distill.tracking import Tracker, image_grid
 from wanlite.distill.train import (
@@ -78,6 +77,9 @@ from wanlite.distill.train import (
 from wanlite.text_padding import compact_text_padding
 
 log = logging.getLogger(__name__)
+
+MODULE = "wanlite.distill.steps"
+"""What torchrun runs on every rank (`python -m wanlite.distill.steps <flags>`)."""
 
 
 class NonFiniteError(ValueError):
@@ -225,17 +227,12 @@ class _Run:
         self.fp = fingerprint(cfg, ctx.world_size, emb.digest)
         self.run_name = cfg.run_name or default_run_name(cfg, self.fp)
         self.run_key = f"runs/{self.run_name}"
-        self._refuse_to_overwrite()
         finished = final_result(self.store, self.run_key)
-        if finished is not None:  # --resume of a run that already published its student (by this config?)
-            latest = checkpointing.latest_checkpoint(self.store, self.run_key)
-            if latest is not None:
-                state = checkpointing.read_trainer_state(self.store, latest[1])
-                check_resumable(self.fp, state["fingerprint"], self.store.uri(latest[1]))
+        ckpt = checkpointing.open_run(self.store, self.run_key, self.run_name, self.fp, resume=self.cfg.resume,
+                                      staging_dir=self.cfg.staging_dir, finished=finished is not None)  # fmt: skip
+        if ckpt is None:  # --resume of a run that already published its student
             log.info("run %s is already finished: %s", self.run_name, finished["student_uri"])
             return finished
-        ckpt = checkpointing.CheckpointManager(self.store, self.run_key,
-                                               checkpointing.staging_folder(self._staging_root(), self.run_name))
         try:
             return self._train(ckpt, emb)
         finally:
@@ -243,7 +240,7 @@ class _Run:
 
     def _train(self, ckpt: checkpointing.CheckpointManager, emb: EmbeddingSet) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
-        restored = self._restore(ckpt)
+        restored = checkpointing.resume_point(ckpt, self.fp, resume=self.cfg.resume)
         start = restored.step if restored else 0
         p = self._build()
         log_state: dict[str, Any] = {"history": {"step": [], "loss_generator": [], "loss_critic": []},
@@ -332,30 +329,6 @@ class _Run:
             ema=ema,
             noise=torch.Generator().manual_seed(cfg.seed + 2),
         )
-
-    def _refuse_to_overwrite(self) -> None:
-        """Without --resume, a run that has written anything is an error (nothing is overwritten)."""
-        steps = checkpointing.checkpoint_steps(self.store, self.run_key)
-        if steps and not self.cfg.resume:
-            raise ConfigError(
-                f"run {self.run_name}: {self.store.uri(checkpointing.checkpoint_key(self.run_key, steps[0]))} already "
-                "exists; pass --resume to continue (or to fetch the result of) that run, or choose another "
-                "--run-name (nothing was overwritten)"
-            )
-
-    def _restore(self, ckpt: checkpointing.CheckpointManager) -> checkpointing.Restored | None:
-        """The newest good checkpoint with --resume (verified on every rank, written by this config), else None."""
-        if not self.cfg.resume:
-            return None
-        restored = ckpt.restore()
-        if restored is None:
-            log.info("--resume: nothing to resume under %s yet; starting at step 0", self.store.uri(self.run_key))
-            return None
-        check_resumable(self.fp, restored.trainer_state["fingerprint"], self.store.uri(restored.key))
-        return restored
-
-    def _staging_root(self) -> Path:
-        return Path(self.cfg.staging_dir) if self.cfg.staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
 
     # --- one update ------------------------------------------------------------------------
 
@@ -555,25 +528,15 @@ class _Grid:
 
 
 def torchrun_command(cfg: StepsConfig, nproc: int, *, nnodes: int = 1, rendezvous: str | None = None) -> list[str]:
-    """`torchrun ... --nproc-per-node N -m wanlite.distill.steps <flags>` with this interpreter.
+    """`launch.torchrun_command` for this module: one node `--standalone`, several through a c10d `rendezvous`."""
+    from wanlite.distill.launch import torchrun_command as command
 
-    One node: `--standalone`. Several: run this command once per node with the
-    same `rendezvous` (`host:port` of the c10d rendezvous store) and `nnodes`.
-    """
-    if rendezvous is None:
-        where = ["--standalone"]
-    else:
-        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
-                 f"--rdzv-id={cfg.run_name or 'wanlite-steps'}"]  # fmt: skip
-    return [
-        sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
-        "-m", "wanlite.distill.steps", *config_to_argv(cfg),
-    ]  # fmt: skip
+    return command(cfg, nproc, nnodes=nnodes, rendezvous=rendezvous, module=MODULE)
 
 
 def distill_steps(cfg: StepsConfig, *, nproc: int = 1) -> dict[str, Any]:
     """Train (or resume) a K-step student; returns the result manifest (URIs, sha256, sampling, metrics)."""
-    from wanlite.distill.launch import child_env
+    from wanlite.distill.launch import run_torchrun
 
     validate(cfg)
     if nproc < 1:
@@ -589,15 +552,7 @@ def distill_steps(cfg: StepsConfig, *, nproc: int = 1) -> dict[str, Any]:
         from wanlite.distill.data import artifact_digest
 
         cfg = dataclasses.replace(cfg, run_name=run_name(cfg, nproc, artifact_digest(cfg.embeddings)))
-    status = subprocess.run(torchrun_command(cfg, nproc), check=False, env=child_env()).returncode
-    if status != 0:
-        raise RuntimeError(f"distill-steps: torchrun with {nproc} processes exited with status {status} (see above)")
-    from wanlite.storage import Store
-
-    result = final_result(Store.from_env(cfg.out), f"runs/{cfg.run_name}")
-    if result is None:
-        raise RuntimeError(f"distill-steps: torchrun succeeded but runs/{cfg.run_name}/final has no manifest")
-    return result
+    return run_torchrun(cfg, nproc, MODULE, "distill-steps")
 
 
 def run_name(cfg: StepsConfig, world_size: int, embeddings_digest: str) -> str:

@@ -50,7 +50,6 @@ from wanlite.distill.data import BatchOrder, EmbeddingSet, LatentSet
 from wanlite.distill.options import (
     TrainConfig,
     add_arguments,
-    check_resumable,
     config_from_args,
     default_run_name,
     fingerprint,
@@ -261,17 +260,12 @@ class _Run:
         self.fp = fingerprint(cfg, ctx.world_size, data.digest, emb.digest)
         self.run_name = cfg.run_name or default_run_name(cfg, self.fp)
         self.run_key = f"runs/{self.run_name}"
-        self._refuse_to_overwrite()
         finished = final_result(self.store, self.run_key)
-        if finished is not None:  # --resume of a run that already published its student (by this config?)
-            latest = checkpointing.latest_checkpoint(self.store, self.run_key)
-            if latest is not None:
-                state = checkpointing.read_trainer_state(self.store, latest[1])
-                check_resumable(self.fp, state["fingerprint"], self.store.uri(latest[1]))
+        ckpt = checkpointing.open_run(self.store, self.run_key, self.run_name, self.fp, resume=self.cfg.resume,
+                                      staging_dir=self.cfg.staging_dir, finished=finished is not None)  # fmt: skip
+        if ckpt is None:  # --resume of a run that already published its student
             log.info("run %s is already finished: %s", self.run_name, finished["student_uri"])
             return finished
-        ckpt = checkpointing.CheckpointManager(self.store, self.run_key,
-                                               checkpointing.staging_folder(self._staging_root(), self.run_name))
         try:
             return self._train(ckpt, data, emb, order)
         finally:
@@ -281,7 +275,7 @@ class _Run:
         self, ckpt: checkpointing.CheckpointManager, data: LatentSet, emb: EmbeddingSet, order: BatchOrder
     ) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
-        restored = self._restore(ckpt)
+        restored = checkpointing.resume_point(ckpt, self.fp, resume=self.cfg.resume)
         start = restored.step if restored else 0
         p = self._build()
         log_state: dict[str, Any] = {"history": {"step": [], "loss": []}, "metrics": {}, "mlflow_run_id": None}
@@ -371,30 +365,6 @@ class _Run:
         )
 
     # --- pieces of execute ---------------------------------------------------------------
-
-    def _refuse_to_overwrite(self) -> None:
-        """Without --resume, a run that has written anything is an error (nothing is overwritten)."""
-        steps = checkpointing.checkpoint_steps(self.store, self.run_key)
-        if steps and not self.cfg.resume:
-            raise ConfigError(
-                f"run {self.run_name}: {self.store.uri(checkpointing.checkpoint_key(self.run_key, steps[0]))} already "
-                "exists; pass --resume to continue (or to fetch the result of) that run, or choose another "
-                "--run-name (nothing was overwritten)"
-            )
-
-    def _restore(self, ckpt: checkpointing.CheckpointManager) -> checkpointing.Restored | None:
-        """The newest good checkpoint with --resume (verified on every rank, written by this config), else None."""
-        if not self.cfg.resume:
-            return None
-        restored = ckpt.restore()
-        if restored is None:
-            log.info("--resume: nothing to resume under %s yet; starting at step 0", self.store.uri(self.run_key))
-            return None
-        check_resumable(self.fp, restored.trainer_state["fingerprint"], self.store.uri(restored.key))
-        return restored
-
-    def _staging_root(self) -> Path:
-        return Path(self.cfg.staging_dir) if self.cfg.staging_dir else Path(tempfile.gettempdir()) / "wanlite-staging"
 
     def _step(self, step: int, data: LatentSet, emb: EmbeddingSet, order: BatchOrder, p: _Parts) -> torch.Tensor:
         """Forward and backward of one step; returns this rank's loss sums for logging (all-reduced)."""
