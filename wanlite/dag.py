@@ -667,8 +667,9 @@ def wire(step: str, spec: RunSpec, out: Mapping[str, Mapping[str, Any]]) -> dict
         return {"student_uri": student, "teacher_uri": teacher, "store": store, "prompts": spec.eval_prompts,
                 "num_prompts": spec.num_eval_prompts, "sample_steps": spec.sample_steps,
                 "guided": spec.guided or few,
-                # the gate's baseline is the student's own starting point: the projection, or the 40-step student
-                "baseline_uri": out["train"]["student_uri"] if few else out["project"]["uri"]}  # fmt: skip
+                # Both students must beat the projection they started from. Not the 40-step student for the
+                # few-step one: DMD trains its samples, not its velocity at every sigma, so that bar is not its.
+                "baseline_uri": out["project"]["uri"]}  # fmt: skip
     if base == "round-trip":
         return {"student_uri": student, "teacher_uri": teacher, "store": store}
     teacher_sha = out["fetch"]["teacher_sha256"]
