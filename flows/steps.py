@@ -323,9 +323,11 @@ def evaluate_few_step_flow(
     num_prompts: int | None,
     sample_steps: int,
     guided: bool,
+    baseline_uri: str | None = None,
 ) -> dict[str, Any]:
     """The few-step student vs the guided teacher (it samples with its recorded K-step schedule)."""
-    return evaluate_flow.fn(student_uri, teacher_uri, store, prompts, num_prompts, sample_steps, guided)
+    return evaluate_flow.fn(student_uri, teacher_uri, store, prompts, num_prompts, sample_steps, guided,
+                            baseline_uri=baseline_uri)  # fmt: skip
 
 
 @step_flow("round-trip-few-step", HOUR)
@@ -350,12 +352,14 @@ def register_few_step_flow(
     preset: str,
     teacher_sha256: str | None,
     data_hash: str | None,
-    name: str | None,
+    training_run_id: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Register the few-step student as its own model (`wanlite-<preset>-<K>step`)."""
     return register_flow.fn(
-        student_uri, export_uri, roundtrip_uri, eval_uri, tracking_uri, preset, teacher_sha256, data_hash, name
-    )
+        student_uri, export_uri, roundtrip_uri, eval_uri, tracking_uri, preset, teacher_sha256, data_hash,
+        training_run_id=training_run_id, name=name,
+    )  # fmt: skip
 
 
 STEP_FLOWS = {
