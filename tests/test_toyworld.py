@@ -9,7 +9,7 @@ from benchmarks.toyworld.world import SIZES, World, all_attributes, prompts
 
 def test_prompts_are_distinct_and_name_every_attribute() -> None:
     names = prompts()
-    assert len(names) == len(set(names)) == 64
+    assert len(names) == len(set(names)) == 48
     assert names[0] == "a small red square"
 
 

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 
 SHAPES = ("square", "disc", "cross", "frame")
 COLOURS = {"red": (1.0, -0.6, -0.6), "green": (-0.6, 1.0, -0.6), "blue": (-0.6, -0.6, 1.0), "yellow": (1.0, 1.0, -0.6)}
-SIZES = {"small": 2, "medium": 3, "large": 4, "huge": 5}
-"""Radius in latent pixels (a huge shape fills most of a 16x16 latent)."""
+SIZES = {"small": 3, "medium": 5, "large": 7}
+"""Radius in latent pixels: one 2x2 patch token apart, and 3 at the least, where the four shapes differ in
+more than their corners. The first world's radii 2/3/4/5 were half a token apart: its teacher confused the
+middle two sizes, and small squares with small discs (BENCHMARKS.md, the toy-teacher section)."""
 ATTRIBUTES = ("shape", "colour", "size")
 CHANNELS = 16
 MAP_SEED = 1234
@@ -52,7 +54,7 @@ class Attributes:
 
 
 def all_attributes() -> list[Attributes]:
-    """Every (shape, colour, size) combination: 64 prompts, in a fixed order."""
+    """Every (shape, colour, size) combination: 48 prompts, in a fixed order."""
     sizes = (len(SHAPES), len(COLOURS), len(SIZES))
     return [Attributes(*combo) for combo in itertools.product(*(range(n) for n in sizes))]
 
