@@ -71,7 +71,9 @@ def test_teacher_latents_equal_stock_two_expert_sampling(tiny_teacher: Path, tin
         generator=torch.Generator().manual_seed(sample),
         output_type="latent",
     ).frames
-    torch.testing.assert_close(data.latents[sample : sample + 1], expected, atol=1e-5, rtol=1e-5)
+    # teacher-data runs the experts with compact text padding (exact up to float rounding, ~2e-6 per forward);
+    # 2 x 20 guided UniPC steps carry that to ~1.5e-5 on some CPUs. A wrong expert, guidance or seed is >1e-2 off.
+    torch.testing.assert_close(data.latents[sample : sample + 1], expected, atol=5e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
