@@ -72,7 +72,8 @@ def test_teacher_latents_equal_stock_two_expert_sampling(tiny_teacher: Path, tin
         output_type="latent",
     ).frames
     # teacher-data runs the experts with compact text padding (exact up to float rounding, ~2e-6 per forward);
-    # 2 x 20 guided UniPC steps carry that to ~1.5e-5 on some CPUs. A wrong expert, guidance or seed is >1e-2 off.
+    # the guided UniPC steps carry that to ~1.5e-5 on some CPUs. Measured: guidance 3.9 instead of 4.0 moves this
+    # sample by 9e-2, another seed by 5.
     torch.testing.assert_close(data.latents[sample : sample + 1], expected, atol=5e-5, rtol=1e-5)
 
 
