@@ -114,7 +114,7 @@ def test_bad_evaluation_inputs_are_refused(ship_student: Path, tiny_teacher: Pat
         evaluate(ship_student, tiny_teacher, out_dir=tmp_path / "o", prompts=empty)
     with pytest.raises(ConfigError, match=r"sigmas: expected values in \(0, 1\]"):
         evaluate(ship_student, tiny_teacher, out_dir=tmp_path / "o", sigmas=(0.5, 1.5))
-    with pytest.raises(ConfigError, match="size: expected a multiple of 16"):
+    with pytest.raises(ConfigError, match="size: expected a positive multiple of 16"):
         evaluate(ship_student, tiny_teacher, out_dir=tmp_path / "o", size=40)
     assert not (tmp_path / "o").exists()
 
@@ -193,5 +193,16 @@ def test_non_finite_metrics_are_an_error_and_no_report(tiny_teacher: Path, tmp_p
     args += ["--out", str(tmp_path / "o")]
     assert cli.main(args + FAST_GRID) != 0
     assert not (tmp_path / "o" / "evaluation.json").exists()
-    with pytest.raises(EvaluationError, match="expected finite"):
+    with pytest.raises(EvaluationError, match="non-finite weights .* proj_out.bias"):  # refused before any metric
         evaluate(tmp_path / "nan", tiny_teacher, out_dir=tmp_path / "o", num_prompts=1, seeds=(3,), steps=1, size=32)
+
+
+def test_a_non_finite_metric_from_finite_weights_is_an_error() -> None:
+    """A student whose weights are finite but whose error overflows (or a teacher with zero velocity) gets no report."""
+    from wanlite.evaluate import STUDENT, ZERO, RelMSE, VelocityStats, _report
+
+    finite = RelMSE(err=1.0, ref=2.0, count=1)
+    student = VelocityStats(high=RelMSE(err=float("inf"), ref=2.0, count=1), low=finite)
+    stats = {STUDENT: student, ZERO: VelocityStats(high=finite, low=finite)}
+    with pytest.raises(EvaluationError, match="expected finite metrics, found non-finite velocity_rel_mse_high"):
+        _report(stats, {"frechet_latent": 1.0}, 0.1, {"student": "s"})
