@@ -388,7 +388,7 @@ def test_project_names_the_file_and_tensor_of_a_bad_shard(
             header[name]["data_offsets"] = [0, end - start] if fault == "overlap" else [start + 10**12, end + 10**12]
 
         _rewrite_header(shard, change)
-    status = cli(["project", "--teacher", str(root), "--preset", "tiny", "--calib-samples", "1",
+    status = cli(["project", "--teacher", str(root), "--preset", "tiny", "--calib-samples", "1", "--calib-random",
                   "--out", str(tmp_path / "student")])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err and err.count("\n") == 1, err
@@ -423,7 +423,7 @@ def test_generate_loads_a_student_by_file_uri(tiny_student_init: Path, tmp_path:
 
     store = Store((tmp_path / "store").as_uri())
     store.put_dir(tiny_student_init, "students/x", progress=False)
-    _, arch, source = load_model(store.uri("students/x"))
+    _, arch, source, _ = load_model(store.uri("students/x"))
     assert arch.dim == 128 and source.endswith("students/x")
 
 
