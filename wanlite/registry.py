@@ -230,7 +230,8 @@ def register(
 
 
 def registered_version(client: Any, name: str, ship: Shipment) -> dict[str, Any] | None:
-    """The version already registered for this shipment (same ComfyUI file, student and score), or None."""
+    """The version already registered for this shipment (same ComfyUI file, student, score and evaluation
+    settings), or None. Returned in `_create_version`'s shape, so callers need not tell the two apart."""
     from mlflow.exceptions import MlflowException
 
     sha = ship.export_report["sha256"]
@@ -242,13 +243,16 @@ def registered_version(client: Any, name: str, ship: Shipment) -> dict[str, Any]
         v for v in found
         if v.tags.get("student_sha256") == ship.roundtrip_report["student_sha256"]
         and v.tags.get(SCORE_TAG) == repr(float(ship.eval_report["score"]))
+        and v.tags.get(EVAL_SETTINGS_TAG) == json.dumps(eval_settings(ship.eval_report), sort_keys=True)
     ]  # fmt: skip
     if not same:
         return None
     version = min(same, key=lambda v: int(v.version))
     aliases = list(client.get_model_version(name, version.version).aliases)
     return {"kind": "register", "name": name, "version": version.version, "uri": f"models:/{name}/{version.version}",
-            "run_id": version.run_id, "aliases": aliases, "existing": True}  # fmt: skip
+            "run_id": version.run_id, "aliases": aliases, "champion": CHAMPION in aliases,
+            "not_compared": version.tags.get("not_compared"), "previous_champion": None,
+            "existing": True}  # fmt: skip
 
 
 def arch_params(
