@@ -64,20 +64,30 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
-def distill(cfg: TrainConfig, *, nproc: int = 1) -> dict[str, Any]:
-    """Train (or resume) a student; returns the result manifest (URIs, sha256, final metrics)."""
-    validate(cfg)
+def in_process(nproc: int, batch_size: int) -> bool:
+    """Whether to train in this process (one rank, or already a torchrun rank); else the launch is checked.
+
+    Refuses a non-positive `nproc` and a global batch it does not divide, before anything starts.
+    """
     if nproc < 1:
         raise ConfigError(f"nproc: expected a positive integer, found {nproc}")
     if nproc == 1 or "WORLD_SIZE" in os.environ:
+        return True
+    if batch_size % nproc:
+        raise ConfigError(
+            f"batch_size: the global batch {batch_size} is not divisible by --nproc {nproc}; "
+            f"choose a multiple of {nproc}"
+        )
+    return False
+
+
+def distill(cfg: TrainConfig, *, nproc: int = 1) -> dict[str, Any]:
+    """Train (or resume) a student; returns the result manifest (URIs, sha256, final metrics)."""
+    validate(cfg)
+    if in_process(nproc, cfg.batch_size):
         from wanlite.distill.train import train
 
         return train(cfg)
-    if cfg.batch_size % nproc:
-        raise ConfigError(
-            f"batch_size: the global batch {cfg.batch_size} is not divisible by --nproc {nproc}; "
-            f"choose a multiple of {nproc}"
-        )
     if cfg.run_name is None:  # the ranks derive the same name; we need it to find their result
         from wanlite.distill.data import artifact_digest
 

@@ -536,18 +536,11 @@ def torchrun_command(cfg: StepsConfig, nproc: int, *, nnodes: int = 1, rendezvou
 
 def distill_steps(cfg: StepsConfig, *, nproc: int = 1) -> dict[str, Any]:
     """Train (or resume) a K-step student; returns the result manifest (URIs, sha256, sampling, metrics)."""
-    from wanlite.distill.launch import run_torchrun
+    from wanlite.distill.launch import in_process, run_torchrun
 
     validate(cfg)
-    if nproc < 1:
-        raise ConfigError(f"nproc: expected a positive integer, found {nproc}")
-    if nproc == 1 or "WORLD_SIZE" in os.environ:
+    if in_process(nproc, cfg.batch_size):
         return train_steps(cfg)
-    if cfg.batch_size % nproc:
-        raise ConfigError(
-            f"batch_size: the global batch {cfg.batch_size} is not divisible by --nproc {nproc}; "
-            f"choose a multiple of {nproc}"
-        )
     if cfg.run_name is None:  # the ranks derive the same name; we need it to find their result
         from wanlite.distill.data import artifact_digest
 
