@@ -15,7 +15,7 @@ from PIL import Image
 from wanlite import cli
 from wanlite.checkpoint.reader import TeacherReader
 from wanlite.config import ConfigError
-from wanlite.evaluate import EvaluationError, evaluate, frechet_distance, gaussian_stats
+from wanlite.evaluate import EvaluationError, evaluate, frechet_distance, gaussian_stats, markdown_report
 from wanlite.prompts import PromptError
 from tests.fixtures.ship import SHIP_MARGIN, Shipped, make_student
 
@@ -86,6 +86,9 @@ def test_evaluation_writes_reports_and_grid(shipped: Shipped) -> None:
     markdown = (shipped.eval_dir / "evaluation.md").read_text()
     assert "**PASSED**" in markdown and "grid.png" in markdown and report["prompts"][0] in markdown
     assert "fid: not computed (" in markdown
+    # Shown away from its folder (a Prefect artifact), the report names the stored grid instead of embedding it.
+    elsewhere = markdown_report(report, grid_uri="s3://bucket/evals/k/grid.png")
+    assert "`s3://bucket/evals/k/grid.png`" in elsewhere and "](grid.png)" not in elsewhere
 
 
 @pytest.mark.slow

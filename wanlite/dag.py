@@ -433,7 +433,7 @@ def evaluate(
     `baseline_uri`: the run's projected init, which the student must beat (as it must beat predicting zero).
     """
     from wanlite.evaluate import evaluate as run_evaluation
-    from wanlite.evaluate import markdown_report
+    from wanlite.evaluate import GRID_PNG, markdown_report
 
     st = _store(store)
     inputs = dict(student=student_uri, teacher=teacher_uri, prompts=prompts, n=num_prompts, steps=sample_steps,
@@ -451,7 +451,7 @@ def evaluate(
                 "score": report["score"],
                 "metrics": report["metrics"],
                 "grid": report.get("grid"),
-                "markdown": markdown_report(report),
+                "markdown": markdown_report(report, grid_uri=f"{st.uri(key)}/{GRID_PNG}"),
             }
             result = _publish(st, key, Path(tmp), summary, "evaluation")
     if not result["passed"]:

@@ -521,7 +521,13 @@ def image_grid(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad: int = 2) 
     return canvas
 
 
-def markdown_report(report: dict[str, Any]) -> str:
+def markdown_report(report: dict[str, Any], grid_uri: str | None = None) -> str:
+    """The report for people. `grid_uri`: where the grid is stored, named as a link instead of embedded.
+
+    Beside `evaluation.md` the grid is embedded by its relative name; a copy of
+    the report shown elsewhere (a Prefect artifact) cannot resolve that name, so
+    it names the stored grid instead.
+    """
     gate = report["gate"]
     verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(gate["failures"])
     rows = {"student": report["metrics"], **{f"{name} predictor": m for name, m in gate["baselines"].items()}}
@@ -555,7 +561,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{len(report['prompts'])} held-out prompts x seeds {report['seeds']}, {report['steps']} steps, "
         f"{report['size']}x{report['size']}, sigma grid {report['sigmas']}, guided targets: {report['guided']}.",
         "",
-        f"![teacher (left) vs student (right)]({report['grid']})",
+        f"![teacher (left) vs student (right)]({report['grid']})" if grid_uri is None
+        else f"Image grid, teacher (left) vs student (right): `{grid_uri}`",
         "",
         "Rows (teacher left, student right):",
         "",
