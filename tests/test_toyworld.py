@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from benchmarks.toyworld.world import SIZES, World, all_attributes, prompts
@@ -38,3 +41,21 @@ def test_world_seed_draws_another_world_with_the_same_prompts() -> None:
     assert a.shape == b.shape and not torch.allclose(a, b)
     assert torch.equal(a, World(16, seed=1).render_rows(rows, torch.Generator().manual_seed(0)))
 
+
+
+@pytest.mark.slow
+def test_teacher_run_extends_only_when_asked_and_records_each_schedule(tmp_path: Path) -> None:
+    from benchmarks.toyworld import teacher as teacher_mod
+    from wanlite.distill.data import EmbeddingSet
+
+    _, emb_uri = teacher_mod.base_teacher(tmp_path)
+    world, emb, ckpt = World(16), EmbeddingSet.load(emb_uri), tmp_path / "checkpoint.pt"
+    short, longer = teacher_mod.Recipe(steps=2, batch_size=2), teacher_mod.Recipe(steps=3, batch_size=2)
+    step, _, segments = teacher_mod.train_experts(world, emb, short, checkpoint=ckpt, every=1)
+    assert (step, segments) == (2, [{"schedule_steps": 2, "until": 2}])
+    with pytest.raises(ValueError, match="--extend"):  # another recipe is not silently resumed
+        teacher_mod.train_experts(world, emb, longer, checkpoint=ckpt, every=1)
+    step, _, segments = teacher_mod.train_experts(world, emb, longer, checkpoint=ckpt, every=1, extend=True)
+    assert (step, segments) == (3, [{"schedule_steps": 2, "until": 2}, {"schedule_steps": 3, "until": 3}])
+    with pytest.raises(ValueError, match="trained with"):  # extending never shortens or changes another knob
+        teacher_mod.train_experts(world, emb, teacher_mod.Recipe(steps=3, batch_size=4), checkpoint=ckpt, extend=True)

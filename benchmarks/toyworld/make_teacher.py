@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=teacher_mod.SHIPPED, help=f"where the experts go ({teacher_mod.SHIPPED})")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="end at this step of the schedule and ship the EMA weights reached (a later run resumes)")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue a finished or stopped run to a larger --steps, stretching its cosine "
+                             "(a warm restart; teacher.json records each schedule)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -68,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = torch.arange(len(prompts())).repeat(args.eval_per_prompt)
     seeds = [EVAL_SEED + i for i in range(len(rows))]
     reference = world.render_rows(rows, torch.Generator().manual_seed(EVAL_SEED))
+    commands_file = work / "commands.json"  # every invocation that shaped these weights, resumes included
+    commands = json.loads(commands_file.read_text()) if commands_file.is_file() else []
+    commands.append("python -m benchmarks.toyworld.make_teacher " + shlex.join(sys.argv[1:] if argv is None else argv))
+    commands_file.write_text(json.dumps(commands, indent=1))
     history_file = work / "history.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
     started = time.perf_counter()
@@ -80,14 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         history_file.write_text(json.dumps(history, indent=1))
         log.info("toy teacher step %d: %s", step, {k: round(v, 3) for k, v in scores.items()})
 
-    step, experts = teacher_mod.train_experts(world, emb, recipe, checkpoint=work / "checkpoint.pt",
-                                              every=args.every, stop_at=args.stop_at, on_checkpoint=measure)
+    step, experts, segments = teacher_mod.train_experts(world, emb, recipe, checkpoint=work / "checkpoint.pt",
+                                                        every=args.every, stop_at=args.stop_at, on_checkpoint=measure,
+                                                        extend=args.extend)  # fmt: skip
     if not history or history[-1]["step"] != step:
         measure(step, experts)
     world_scores = score_samples(decoder, reference, rows, reference)
     record = {
-        "command": "python -m benchmarks.toyworld.make_teacher " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "recipe": asdict(recipe), "world_seed": args.world_seed, "threads": args.threads,
+        "command": commands[-1], "commands": commands,
+        "recipe": asdict(recipe), "schedule_segments": segments, "world_seed": args.world_seed, "threads": args.threads,
         "latent_size": LATENT_SIZE, "sample_steps": SAMPLE_STEPS, "eval_samples": len(rows),
         "decoder_steps": args.decoder_steps, "decoder_on_rendered_world": world_scores,
         "train_wall_s": sum(h["wall_s"] for h in _segments(history)), "history": history,

@@ -124,7 +124,7 @@ def _teacher(cfg: StudyConfig, base: Path, world: World, emb: EmbeddingSet) -> t
     teacher, timing_file = cfg.work / f"teacher-{tag}", cfg.work / f"teacher-{tag}.json"
     if not teacher.exists():
         started = time.perf_counter()
-        _, experts = teacher_mod.train_experts(world, emb, recipe, checkpoint=cfg.work / f"teacher-{tag}.ckpt")
+        _, experts, _ = teacher_mod.train_experts(world, emb, recipe, checkpoint=cfg.work / f"teacher-{tag}.ckpt")
         timing_file.write_text(json.dumps({"teacher_train_s": time.perf_counter() - started,
                                            "threads": torch.get_num_threads()}))  # fmt: skip
         teacher_mod.save_teacher(base, teacher, experts)

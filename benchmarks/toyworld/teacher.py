@@ -96,6 +96,8 @@ class _Trainer:
         self.scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, _schedule(recipe.steps)) for n, o in self.optims.items()}
         self.gen = torch.Generator().manual_seed(recipe.seed)
         self.step = 0
+        self.segments: list[dict[str, int]] = []
+        """[{schedule_steps, until}]: the cosine length each earlier stretch of steps ran under (extended runs)."""
 
     def train_step(self, world: World, emb: EmbeddingSet) -> dict[str, float]:
         losses = {}
@@ -115,13 +117,33 @@ class _Trainer:
 
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "gen": self.gen.get_state(), "recipe": asdict(self.recipe),
+                "segments": self.schedule_segments(),
                 **{f"{part}.{n}": obj.state_dict() for part, objs in
                    (("model", self.models), ("ema", self.ema), ("optim", self.optims), ("sched", self.scheds))
                    for n, obj in objs.items()}}  # fmt: skip
 
-    def load(self, state: dict[str, Any]) -> None:
-        if state["recipe"] != asdict(self.recipe):
-            raise ValueError(f"checkpoint was trained with {state['recipe']}, not {asdict(self.recipe)}")
+    def schedule_segments(self) -> list[dict[str, int]]:
+        """Every stretch of steps so far with the cosine length it ran under, this run's included."""
+        segments = [dict(s) for s in self.segments]
+        if segments and segments[-1]["schedule_steps"] == self.recipe.steps:
+            segments[-1]["until"] = self.step
+        elif self.step > (segments[-1]["until"] if segments else 0):
+            segments.append({"schedule_steps": self.recipe.steps, "until": self.step})
+        return segments
+
+    def load(self, state: dict[str, Any], extend: bool = False) -> None:
+        """Resume `state`; with `extend`, a checkpoint whose recipe differs only by fewer steps continues here.
+
+        Extending re-stretches the cosine over the longer run (a warm restart at
+        the resumed step); the schedules each step ran under are kept in
+        `segments`, so the record says how the weights were really made.
+        """
+        theirs, mine = state["recipe"], asdict(self.recipe)
+        longer = extend and {**theirs, "steps": mine["steps"]} == mine and theirs["steps"] <= mine["steps"]
+        if theirs != mine and not longer:
+            raise ValueError(f"checkpoint was trained with {theirs}, not {mine}"
+                             + ("" if extend else " (--extend continues one with fewer steps)"))  # fmt: skip
+        self.segments = state.get("segments", [{"schedule_steps": theirs["steps"], "until": state["step"]}])
         for part, objs in (("model", self.models), ("ema", self.ema), ("optim", self.optims), ("sched", self.scheds)):
             for n, obj in objs.items():
                 obj.load_state_dict(state[f"{part}.{n}"])
@@ -138,8 +160,12 @@ def train_experts(
     every: int = 250,
     stop_at: int | None = None,
     on_checkpoint: Callable[[int, dict[str, WanTransformer3DModel]], None] | None = None,
-) -> tuple[int, dict[str, WanTransformer3DModel]]:
-    """(step reached, both experts' EMA weights) after `recipe.steps` AdamW steps each (warmup, then cosine).
+    extend: bool = False,
+) -> tuple[int, dict[str, WanTransformer3DModel], list[dict[str, int]]]:
+    """(step reached, both experts' EMA weights, schedule segments) after `recipe.steps` AdamW steps each.
+
+    The schedule is a warmup, then a cosine; `extend` resumes a checkpoint of
+    the same recipe with fewer steps and stretches its cosine to `recipe.steps`.
 
     `stop_at` ends the run early at that step of the same schedule (a later run
     with the same recipe resumes it to the end).
@@ -151,7 +177,7 @@ def train_experts(
     """
     trainer = _Trainer(recipe)
     if checkpoint is not None and checkpoint.is_file():
-        trainer.load(torch.load(checkpoint, weights_only=False))
+        trainer.load(torch.load(checkpoint, weights_only=False), extend=extend)
         log.info("toy teacher: resumed at step %d from %s", trainer.step, checkpoint)
     end = recipe.steps if stop_at is None else min(stop_at, recipe.steps)
     bar = tqdm(range(trainer.step, end), desc="toy teacher", initial=trainer.step, total=recipe.steps)
@@ -165,7 +191,7 @@ def train_experts(
                 tmp.replace(checkpoint)
             if on_checkpoint is not None:
                 on_checkpoint(trainer.step, trainer.ema)
-    return trainer.step, trainer.ema
+    return trainer.step, trainer.ema, trainer.schedule_segments()
 
 
 def _schedule(steps: int) -> Callable[[int], float]:
