@@ -29,6 +29,11 @@ SIZES = {"small": 3, "medium": 5, "large": 7}
 """Radius in latent pixels: one 2x2 patch token apart, and 3 at the least, where the four shapes differ in
 more than their corners. The first world's radii 2/3/4/5 were half a token apart: its teacher confused the
 middle two sizes, and small squares with small discs (BENCHMARKS.md, the toy-teacher section)."""
+STROKE = 2
+"""Width of the cross's bars and the frame's border, in latent pixels. With 1-pixel strokes (the second
+world) the teacher drew crosses as one bar, fragments or nothing, and frames broken: a line thinner than a
+2x2 patch token is the hardest thing for a patch transformer to commit to (BENCHMARKS.md, the toy teacher).
+Two pixels, a token's width: 3 would fill the smallest frame and make the smallest cross a disc."""
 ATTRIBUTES = ("shape", "colour", "size")
 CHANNELS = 16
 MAP_SEED = 1234
@@ -72,8 +77,9 @@ def _mask(shape: int, size: int, cy: int, cx: int, radius: int) -> torch.Tensor:
     if SHAPES[shape] == "disc":
         return (dy**2 + dx**2) <= radius**2 + 1
     if SHAPES[shape] == "cross":
-        return ((dy <= radius) & (dx <= 0)) | ((dx <= radius) & (dy <= 0))
-    return ((dy <= radius) & (dx <= radius)) & ((dy == radius) | (dx == radius))  # frame
+        bar_y, bar_x = (y - cy >= 0) & (y - cy < STROKE), (x - cx >= 0) & (x - cx < STROKE)
+        return ((dy <= radius) & bar_x) | ((dx <= radius) & bar_y)
+    return ((dy <= radius) & (dx <= radius)) & ((dy > radius - STROKE) | (dx > radius - STROKE))  # frame
 
 
 class World:
