@@ -29,6 +29,7 @@ import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ from wanlite.pipeline import (
     pad_embeddings,
 )
 from wanlite.placement import TEXT_BATCH, OneResident, Placement, device_memory, encode_bytes, placement_for
-from wanlite.prompts import NEGATIVE_PROMPT, load_prompts
+from wanlite.prompts import NEGATIVE_PROMPT, iter_prompts
 from wanlite.sampling import Sampling, load_sampling, student_sampling
 
 log = logging.getLogger(__name__)
@@ -146,11 +147,10 @@ def latent_pixel_features(latents: torch.Tensor) -> np.ndarray:
 
 
 def resolve_prompts(source: str | Path, limit: int | None = None) -> list[str]:
-    prompts = load_prompts(PROMPT_ALIASES.get(str(source), source))
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"num_prompts: expected a positive number, found {limit}")
-        prompts = prompts[:limit]
+    """The evaluation's prompts: the first `limit` of the set (only those are read) or all of it."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"num_prompts: expected a positive number, found {limit}")
+    prompts = list(islice(iter_prompts(PROMPT_ALIASES.get(str(source), source)), limit))
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise ConfigError(f"prompts {source}: prompt {empty[0]} is empty")
