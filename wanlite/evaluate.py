@@ -41,9 +41,9 @@ from wanlite import __version__
 from wanlite.checkpoint.reader import TeacherReader
 from wanlite.config import (
     EVAL_MARGIN,
-    EXPERTS,
     EVAL_SEEDS,
     EVAL_SIGMAS,
+    EXPERTS,
     GUIDANCE_HIGH,
     GUIDANCE_LOW,
     NUM_TRAIN_TIMESTEPS,

@@ -2,8 +2,8 @@
 
 Evaluating against Wan 2.2 A14B holds two 14.3B-parameter experts, the
 5.7B-parameter T5 and the VAE beside the student. All of it in fp32 on one
-device is ~137 GB of weights alone (`device_memory` computes it), so on CUDA
-evaluation places its models differently from the CPU:
+device is ~137 GB of weights alone, so on CUDA evaluation places its models
+differently from the CPU:
 
 - the experts run in bf16 (what training computes the teacher in too);
 - only one expert is on the device at a time: both keep a copy in pinned host
@@ -76,14 +76,15 @@ def placement_for(device: str | torch.device) -> Placement:
 
 
 def _name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
 
 class OneResident:
     """Keeps at most one of several frozen models on `device`; the others exist only in host memory.
 
-    Each model's tensors stay in host memory (pinned on CUDA, so copies run at
-    full bus speed); a forward pre-hook puts device copies of the called
+    Each model's tensors stay in host memory (pinned on CUDA: the copy engine
+    reads pinned pages directly, pageable ones through a staging buffer); a
+    forward pre-hook puts device copies of the called
     model's tensors in place after restoring the host tensors of the model
     that ran before. Restoring drops the device copies, freeing their memory
     for the next model; nothing is ever copied back.
