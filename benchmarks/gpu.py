@@ -28,7 +28,14 @@ so a run cut short by a time limit still leaves every figure it reached:
    shapes, so which expert runs a step does not change its cost). Goal >= 500x;
 8. projection: `wanlite project --preset lite-1024 --method uniform` from a
    sparse synthetic A14B teacher (full shapes, 126 GB apparent), in a fresh
-   process: wall and peak RSS of the whole command.
+   process: wall and peak RSS of the whole command;
+9. evaluate: `wanlite.evaluate` of a lite-1024 student (and itself as the
+   baseline) against that sparse A14B teacher, 1 prompt x 1 seed, 2 steps, at
+   --size: `torch.cuda.max_memory_allocated` beside the peak that
+   `wanlite.placement.planned_memory` computes from the shapes. The teacher's
+   weights are zeros, so its velocities are zero and the evaluation refuses
+   to write a report (non-finite relative error): shapes set the memory,
+   the verdict is not the point.
 
 What the figures do and do not include:
 
@@ -80,13 +87,14 @@ sys.path.insert(0, str(REPO))
 from wanlite.config import A14B, GUIDANCE_LOW, TINY_TEACHER, WanArch, get_preset
 from wanlite.distill import objective
 from wanlite.distill.tracking import PEAK_BF16_TFLOPS, wan_forward_flops
-from wanlite.distill.train import init_distributed, shard
+from wanlite.distill.parallel import shard_trained
+from wanlite.distill.train import init_distributed
 from wanlite.pipeline import TEXT_LEN
 
 # The student's output is never modified in place, the only case this FSDP2 warning is about.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
-SECTIONS = ("peak", "teacher", "generation", "student", "distill", "few-step", "projection")
+SECTIONS = ("peak", "teacher", "generation", "student", "distill", "few-step", "projection", "evaluate")
 SPEEDUP_GOAL = 25.0
 """Issue 8: lite-1024 generation per step at least this many times faster than one teacher expert."""
 FEW_STEPS, TEACHER_STEPS, FEW_STEP_GOAL = 4, 40, 500.0
@@ -314,7 +322,7 @@ class Models:
         if self.setup.grad_checkpointing:
             student.enable_gradient_checkpointing()
         mesh = init_device_mesh(self.setup.device.type, (torch.distributed.get_world_size(),))
-        shard(student, student.blocks, mesh)
+        shard_trained(student, student.blocks, mesh)
         return student, torch.optim.AdamW(student.parameters(), lr=1e-5)
 
     def release(self) -> None:
@@ -580,6 +588,38 @@ def measure_projection(setup: Setup, method: str, work: Path) -> tuple[dict[str,
     return figures, [(what, f"{wall:.1f} s wall, peak RSS {figures['peak_rss_gib']} GiB", note)]
 
 
+def measure_evaluate(setup: Setup, work: Path) -> tuple[dict[str, Any], list[Row]]:
+    """Evaluation's peak device memory, measured, beside the figure computed from the model shapes."""
+    from wanlite.checkpoint.synth import SIZES, synth_teacher
+    from wanlite.config import EVAL_SIGMAS
+    from wanlite.evaluate import EvaluationError, evaluate
+    from wanlite.placement import placement_for, planned_memory
+    from wanlite.student import WanLiteStudent
+
+    teacher = synth_teacher(work / "teacher", size="tiny" if setup.smoke else "a14b", sparse=not setup.smoke)
+    student = work / "student"
+    WanLiteStudent.from_arch(setup.student_arch).save_pretrained(student)
+    shapes = SIZES["tiny" if setup.smoke else "a14b"]
+    planned = planned_memory(
+        placement_for(setup.device), teacher=setup.teacher_arch, student=setup.student_arch, t5=shapes.t5,
+        vae=shapes.vae, size=setup.size, num_sigmas=len(EVAL_SIGMAS), baseline=True,
+    )  # fmt: skip
+    figures: dict[str, Any] = {"computed_gib": {k: round(v / 2**30, 2) for k, v in planned.to_dict().items()}}
+    started = time.perf_counter()
+    with memory_peak(setup, figures):
+        try:
+            evaluate(student, teacher, out_dir=work / "evaluation", num_prompts=1, seeds=(0,), steps=2,
+                     size=setup.size, baseline=student, device=str(setup.device))  # fmt: skip
+            figures["outcome"] = "report written"
+        except EvaluationError as err:
+            figures["outcome"] = f"refused (expected of a zero teacher): {err}"[:300]
+    figures["wall_s"] = round(time.perf_counter() - started, 1)
+    measured = f"peak allocated {figures['peak_memory_gib']} GiB" if setup.cuda else "not measured on CPU"
+    what = f"evaluate: {setup.preset} against {setup.teacher}, {setup.size}², 1 prompt x 1 seed, baseline given"
+    note = f"computed peak {figures['computed_gib']['peak']} GiB (sampling phase {figures['computed_gib']['sample']})"
+    return figures, [(what, measured, note)]
+
+
 def run_measured(command: list[str], log: Path) -> tuple[float, int]:
     """Run a `wanlite` command in a child; return (wall seconds, the child's own peak RSS in KiB).
 
@@ -683,12 +723,15 @@ def main() -> int:
             if section == "peak":
                 figures, rows = measure_peak(setup, spec)
                 peak = figures["matmul_peak_tflops"] * 1e12
-            elif section == "projection":
+            elif section in ("projection", "evaluate"):
                 models.release()
                 if args.work:
                     args.work.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(prefix="wanlite-gpu-bench-", dir=args.work) as work:
-                    figures, rows = measure_projection(setup, args.projection_method, Path(work))
+                    if section == "projection":
+                        figures, rows = measure_projection(setup, args.projection_method, Path(work))
+                    else:
+                        figures, rows = measure_evaluate(setup, Path(work))
             else:
                 figures, rows = MODEL_SECTIONS[section](setup, models, peak)
         except Exception as err:  # noqa: BLE001 - one failed section (an OOM, say) must not cost the others

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from wanlite.prompts import NEGATIVE_PROMPT, PromptError, load_prompts, prompts_sha256
+from wanlite.distill.encode import PromptListing
+from wanlite.prompts import NEGATIVE_PROMPT, PromptError, iter_prompts, load_prompts, prompts_sha256
 
 
 def test_shipped_sets_are_large_varied_and_disjoint() -> None:
@@ -48,3 +55,101 @@ def test_prompt_hash_depends_on_order_and_negative_prompt() -> None:
     assert base == prompts_sha256(["a", "b"], NEGATIVE_PROMPT)
     assert base != prompts_sha256(["b", "a"], NEGATIVE_PROMPT)
     assert base != prompts_sha256(["a", "b"], "")
+
+
+def _numbered_file(path: Path, lines: int) -> Path:
+    path.write_text("".join(f"prompt number {i}\n" for i in range(lines)), encoding="utf-8")
+    return path
+
+
+def test_a_prompt_file_is_read_one_line_at_a_time(tmp_path: Path) -> None:
+    """20k lines: iterating holds a line at a time (traced peak far below the file); the list holds them all."""
+    path = _numbered_file(tmp_path / "big.txt", 20_000)
+    lines = iter_prompts(path)
+    assert inspect.isgenerator(lines)
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in lines)
+        _, streamed = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        whole = load_prompts(path)
+        _, listed = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = path.stat().st_size
+    assert count == len(whole) == 20_000
+    assert streamed < size / 4 < size < listed, (streamed, size, listed)
+
+
+def test_streamed_digest_and_listing_are_the_whole_list_forms(tmp_path: Path) -> None:
+    """Content addresses and `prompts.json` bytes are what hashing and dumping the whole list gave."""
+    prompts = ['a "quoted" kite', "ünïcödé 山", "back\\slash", "tab\there"]
+    expected = hashlib.sha256(
+        json.dumps({"prompts": prompts, "negative": NEGATIVE_PROMPT}, ensure_ascii=False).encode("utf-8")
+    ).hexdigest()
+    assert prompts_sha256(iter(prompts), NEGATIVE_PROMPT) == prompts_sha256(prompts, NEGATIVE_PROMPT) == expected
+    with PromptListing(tmp_path / "prompts.json", NEGATIVE_PROMPT) as listing:
+        listing.extend(prompts[:1])
+        listing.extend(prompts[1:])
+    whole = json.dumps({"prompts": prompts, "negative_prompt": NEGATIVE_PROMPT}, ensure_ascii=False, indent=0)
+    assert (tmp_path / "prompts.json").read_text(encoding="utf-8") == whole
+    assert listing.digest.hexdigest() == expected
+
+
+def test_encode_prompts_reads_a_large_file_one_shard_ahead_at_most(
+    tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20k lines, the tiny teacher's tokenizer and store; T5's output is faked (20k real forwards of 512 tokens
+    would be the test's whole cost and are not what is checked). One pass hashes, one encodes, and
+    the encoding pass never reads more than one shard beyond what has been encoded."""
+    from wanlite.distill import encode as encoding
+    from wanlite.distill.data import EmbeddingSet
+
+    path = _numbered_file(tmp_path / "big.txt", 20_000)
+    passes: list[int] = []
+
+    def counted(source: str | Path) -> Iterator[str]:
+        passes.append(0)
+        for prompt in iter_prompts(source):
+            passes[-1] += 1
+            yield prompt
+
+    encoded, ahead = [0], []
+
+    def fake_t5(_tokenizer: object, _encoder: object, prompts: list[str]) -> list[torch.Tensor]:
+        if len(passes) == 2:  # the negative prompt is encoded before the second pass starts
+            ahead.append(passes[-1] - encoded[0])
+            encoded[0] += len(prompts)
+        return [torch.full((1, 4), float(len(p))) for p in prompts]
+
+    monkeypatch.setattr(encoding, "iter_prompts", counted)
+    monkeypatch.setattr(encoding, "encode", fake_t5)
+    result = encoding.encode_prompts(tiny_teacher, path, str(tmp_path / "store"), shard_size=1000, batch_size=250,
+                                     progress=False)  # fmt: skip
+    assert passes == [20_000, 20_000] and encoded[0] == 20_000
+    assert 0 < max(ahead) <= 1000, "one shard of prompts read ahead of the encoder at most"
+    assert result["num_prompts"] == 20_000
+    assert result["prompts_sha256"] == prompts_sha256(load_prompts(path), NEGATIVE_PROMPT)
+    emb = EmbeddingSet.load(result["uri"])
+    assert emb.prompts == load_prompts(path) and len(emb.embeds) == 20_000
+    assert emb.embeds[12_345].tolist() == [[float(len("prompt number 12345"))] * 4]
+
+
+def test_a_prompt_file_that_changes_between_the_passes_is_refused(
+    tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wanlite.distill import encode as encoding
+
+    path = _numbered_file(tmp_path / "moving.txt", 10)
+    passes = []
+
+    def rewritten(source: str | Path) -> Iterator[str]:
+        passes.append(source)
+        if len(passes) == 2:
+            _numbered_file(path, 11)
+        return iter_prompts(source)
+
+    monkeypatch.setattr(encoding, "iter_prompts", rewritten)
+    with pytest.raises(PromptError, match=r"moving\.txt: changed while it was being encoded; nothing was published"):
+        encoding.encode_prompts(tiny_teacher, path, str(tmp_path / "store"), progress=False)
+    assert not (tmp_path / "store" / "embeddings").exists() or not any((tmp_path / "store" / "embeddings").iterdir())

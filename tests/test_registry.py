@@ -79,7 +79,7 @@ def test_champion_moves_only_when_the_score_improves(shipped: Shipped, mlflow_se
 
 
 CHANGED_SETTINGS = ({"teacher_fingerprint": "0" * 64}, {"prompts": ["another prompt"]}, {"seeds": [7]},
-                    {"sigmas": [0.5]}, {"guided": None}, {"steps": 40}, {"size": 128})  # fmt: skip
+                    {"sigmas": [0.5]}, {"guided": None}, {"steps": 40}, {"size": 128}, {"precision": "bfloat16"})  # fmt: skip
 
 
 @pytest.mark.slow

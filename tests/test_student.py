@@ -178,3 +178,20 @@ def test_seed_vocabulary_config_builds_the_student(tmp_path):
     (tmp_path / "student.json").write_text(json.dumps(seed))
     with pytest.raises(ConfigError, match="num_heads: expected dim/128 = 2, found 4"):
         WanLiteStudent.from_student_config(tmp_path / "student.json")
+
+
+def test_a_student_built_with_weights_holds_those_tensors_and_the_ema_gather_keeps_them_on_one_rank() -> None:
+    """What a run ships: the gathered EMA weights themselves (no random copy beside them), on the writing rank only."""
+    from wanlite.distill.checkpointing import EMA
+
+    trained = WanLiteStudent.from_arch(get_preset("tiny").arch)
+    ema = EMA(trained, decay=0.9)
+    assert ema.full_state_dict(keep=False) == {}, "a rank that does not write keeps nothing"
+    weights = ema.full_state_dict()
+    shipped = WanLiteStudent.with_weights(trained.config, weights)
+    assert all(p.data_ptr() == weights[name].data_ptr() for name, p in shipped.named_parameters())
+    x = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        assert torch.equal(shipped(x, t, context, return_dict=False)[0], trained(x, t, context, return_dict=False)[0])

@@ -32,6 +32,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -259,9 +260,9 @@ def validate(teacher_uri: str, store: str) -> dict[str, Any]:
 def encode_prompts(teacher_uri: str, store: str, prompts: str = "default", num_prompts: int | None = None) -> dict:
     """T5-encode the prompt set once (content-addressed by prompts and T5 weights)."""
     from wanlite.distill.encode import encode_prompts as run_encoder
-    from wanlite.prompts import load_prompts
+    from wanlite.prompts import iter_prompts
 
-    chosen = load_prompts(prompts)[:num_prompts] if num_prompts else prompts
+    chosen = list(islice(iter_prompts(prompts), num_prompts)) if num_prompts else prompts
     return run_encoder(teacher_uri, chosen, store, progress=False)
 
 

@@ -29,6 +29,7 @@ import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from wanlite.config import (
     EVAL_MARGIN,
     EVAL_SEEDS,
     EVAL_SIGMAS,
+    EXPERTS,
     GUIDANCE_HIGH,
     GUIDANCE_LOW,
     NUM_TRAIN_TIMESTEPS,
@@ -50,10 +52,20 @@ from wanlite.config import (
     ConfigError,
     WanArch,
 )
+from wanlite.distill.encode import encode
 from wanlite.distill.objective import Expert, add_noise, predict, routes_high, teacher_targets
 from wanlite.export import dir_sha256, load_student, preset_for
-from wanlite.pipeline import build_pipeline, decode_latents, load_vae, local_path
-from wanlite.prompts import NEGATIVE_PROMPT, load_prompts
+from wanlite.pipeline import (
+    build_pipeline,
+    decode_latents,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    local_path,
+    pad_embeddings,
+)
+from wanlite.placement import TEXT_BATCH, OneResident, Placement, device_memory, encode_bytes, placement_for
+from wanlite.prompts import NEGATIVE_PROMPT, iter_prompts
 from wanlite.sampling import Sampling, load_sampling, student_sampling
 
 log = logging.getLogger(__name__)
@@ -135,11 +147,10 @@ def latent_pixel_features(latents: torch.Tensor) -> np.ndarray:
 
 
 def resolve_prompts(source: str | Path, limit: int | None = None) -> list[str]:
-    prompts = load_prompts(PROMPT_ALIASES.get(str(source), source))
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"num_prompts: expected a positive number, found {limit}")
-        prompts = prompts[:limit]
+    """The evaluation's prompts: the first `limit` of the set (only those are read) or all of it."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"num_prompts: expected a positive number, found {limit}")
+    prompts = list(islice(iter_prompts(PROMPT_ALIASES.get(str(source), source)), limit))
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise ConfigError(f"prompts {source}: prompt {empty[0]} is empty")
@@ -150,6 +161,26 @@ class EvaluationError(ConfigError):
     """An evaluation that cannot give a trustworthy verdict; the message names what and why."""
 
 
+def prompt_embeddings(
+    teacher_dir: Path, prompts: Sequence[str], placement: Placement
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Padded T5 embeddings [n, 512, D] of the prompts and of Wan's negative prompt, in host memory.
+
+    T5 is loaded for this call only, in the placement's precision, and gone
+    when it returns, so it never shares the device with a transformer. The
+    third value is the encode phase's computed device bytes. Tokenisation and
+    padding are `WanPipeline.encode_prompt`'s (`distill.encode.encode`).
+    """
+    tokenizer = load_tokenizer(teacher_dir)
+    text_encoder = load_text_encoder(teacher_dir, dtype=placement.text_dtype, device=placement.device)
+    trimmed = [e for start in range(0, len(prompts), TEXT_BATCH)
+               for e in encode(tokenizer, text_encoder, prompts[start : start + TEXT_BATCH])]  # fmt: skip
+    negative = encode(tokenizer, text_encoder, [NEGATIVE_PROMPT])[0]
+    memory = encode_bytes(text_encoder, min(TEXT_BATCH, len(prompts)))
+    del text_encoder
+    if placement.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand T5's blocks back before the experts arrive
+    return pad_embeddings(trimmed), pad_embeddings([negative]).expand(len(prompts), -1, -1), memory
 
 
 def evaluate(
@@ -182,7 +213,9 @@ def evaluate(
     point (the projected init), scored on the same grid; the gate asks the
     student to beat it and the zero predictor by `margin` (a fraction of the
     baseline's error) in every expert range. `device` defaults to CUDA when
-    available.
+    available; where the models live on it is `placement.placement_for`'s
+    choice (on CUDA: bf16 experts, one at a time), named in the report with
+    its computed peak device memory.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_grid(sigmas, seeds, steps if steps is not None else SAMPLE_STEPS, margin)
@@ -204,23 +237,27 @@ def evaluate(
         init, init_arch, _ = load_student(baseline)
         check_pairing(init_arch, teacher_arch, f"baseline {baseline}")
         predictors[INIT] = init
-    setup = _Setup.build(model, teacher_dir, guided, device, sampling)
-    with torch.no_grad():
-        cond, uncond = setup.teacher_pipe.encode_prompt(
-            prompt_list, [NEGATIVE_PROMPT] * len(prompt_list), do_classifier_free_guidance=True, max_sequence_length=512
-        )
+    placement = placement_for(device)
+    cond, uncond, encode_memory = prompt_embeddings(teacher_dir, prompt_list, placement)
+    setup = _Setup.build(model, teacher_dir, guided, placement, sampling)
+    memory = device_memory(
+        placement, encode=encode_memory, expert=setup.experts[0].model, vae=setup.vae, size=size,
+        predictors=[m for m in predictors.values() if m is not None], num_sigmas=len(sigmas),
+    )  # fmt: skip
+    log.info("evaluate: %s; computed peak device memory %.1f GB", placement.describe(), memory.peak / 1e9)
     stats = {name: VelocityStats() for name in predictors}
     rows, teacher_latents, student_latents = [], [], []
     for i, prompt in enumerate(prompt_list):
         for seed in seeds:
             log.info("evaluate: prompt %d/%d, seed %d", i + 1, len(prompt_list), seed)
-            t_lat, s_lat = setup.sample(cond[i : i + 1], uncond[i : i + 1], seed, size, steps, sampling.steps)
+            context, negative = cond[i : i + 1].to(device), uncond[i : i + 1].to(device)
+            t_lat, s_lat = setup.sample(context, negative, seed, size, steps, sampling.steps)
             for who, latents in (("teacher", t_lat), ("student", s_lat)):
                 if not torch.isfinite(latents).all():
                     raise EvaluationError(f"{who} sampled non-finite latents (NaN or inf) for prompt {i}, seed {seed}; "
                                           "no report written")  # fmt: skip
-            negative = uncond[i : i + 1] if guided else None
-            _velocity_grid(stats, predictors, setup.experts, t_lat, cond[i : i + 1], negative, sigmas, seed)
+            _velocity_grid(stats, predictors, setup.experts, t_lat, context, negative if guided else None, sigmas, seed,
+                           placement)  # fmt: skip
             teacher_latents.append(t_lat)
             student_latents.append(s_lat)
             rows.append((prompt, seed, decode_latents(setup.vae, t_lat)[0], decode_latents(setup.vae, s_lat)[0]))
@@ -231,6 +268,8 @@ def evaluate(
         "student_guidance": setup.student_cfg, "teacher_guidance": [GUIDANCE_HIGH, GUIDANCE_LOW],
         "sampling": sampling.to_dict(), "sampling_notes": notes,
         "baseline": None if baseline is None else str(baseline),
+        "placement": {"description": placement.describe(), "computed_device_bytes": memory.to_dict()},
+        "precision": str(placement.expert_dtype).removeprefix("torch."),  # bf16 (GPU) and fp32 scores differ
     }  # fmt: skip
     quality = sample_quality(teacher_latents, student_latents, rows, device)
     report = _report(stats, quality, margin, settings)
@@ -299,14 +338,17 @@ class _Setup:
     fingerprint: str
 
     @classmethod
-    def build(cls, student: Any, teacher_dir: Path, guided: bool, device: str, sampling: Sampling) -> _Setup:
+    def build(cls, student: Any, teacher_dir: Path, guided: bool, placement: Placement, sampling: Sampling) -> _Setup:
+        """The experts go where `placement` says (one at a time: built in host memory, brought in on call)."""
         reader = TeacherReader(teacher_dir)
-        high = reader.load_expert("high_noise_model")
-        low = reader.load_expert("low_noise_model")
-        vae = load_vae(teacher_dir)
-        teacher_pipe = build_pipeline(teacher_dir, high, low, vae=vae).to(device)
+        home = "cpu" if placement.one_expert else placement.device
+        high, low = (reader.device_expert(name, dtype=placement.expert_dtype, device=home) for name in EXPERTS)
+        if placement.one_expert:
+            OneResident([high, low], placement.device)
+        vae = load_vae(teacher_dir).to(placement.device)
+        teacher_pipe = build_pipeline(teacher_dir, high, low, with_text_encoder=False, vae=vae)
         student_pipe = build_pipeline(teacher_dir, student, with_text_encoder=False, vae=vae,
-                                      sampling=sampling).to(device)  # fmt: skip
+                                      sampling=sampling).to(placement.device)  # fmt: skip
         for pipe in (teacher_pipe, student_pipe):
             pipe.set_progress_bar_config(disable=True)
         experts = (Expert(high, GUIDANCE_HIGH if guided else 1.0), Expert(low, GUIDANCE_LOW if guided else 1.0))
@@ -359,6 +401,7 @@ def _velocity_grid(
     negative: torch.Tensor | None,
     sigmas: Sequence[float],
     seed: int,
+    placement: Placement,
 ) -> None:
     """Every predictor vs the routed teacher velocity at every sigma, for one clean latent x0 [1, C, 1, h, w].
 
@@ -372,9 +415,10 @@ def _velocity_grid(
     ctx = context.expand(k, *context.shape[1:])
     neg = negative.expand(k, *negative.shape[1:]) if negative is not None else None
     is_high = routes_high(t)
-    target = teacher_targets(
-        *experts, x_t, t, ctx, neg, run_high=bool(is_high.any()), run_low=bool((~is_high).any())
-    ).velocity.cpu()
+    with placement.teacher_autocast():
+        target = teacher_targets(
+            *experts, x_t, t, ctx, neg, run_high=bool(is_high.any()), run_low=bool((~is_high).any())
+        ).velocity.cpu()
     for name, model in predictors.items():
         if model is None:
             pred = torch.zeros_like(target)
@@ -560,6 +604,9 @@ def markdown_report(report: dict[str, Any], grid_uri: str | None = None) -> str:
         "",
         f"{len(report['prompts'])} held-out prompts x seeds {report['seeds']}, {report['steps']} steps, "
         f"{report['size']}x{report['size']}, sigma grid {report['sigmas']}, guided targets: {report['guided']}.",
+        "",
+        f"Placement: {report['placement']['description']}; computed peak device memory "
+        f"{report['placement']['computed_device_bytes']['peak'] / 1e9:.1f} GB.",
         "",
         f"![teacher (left) vs student (right)]({report['grid']})" if grid_uri is None
         else f"Image grid, teacher (left) vs student (right): `{grid_uri}`",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 NEGATIVE_PROMPT = (
@@ -38,32 +39,65 @@ class PromptError(ValueError):
     """A prompt source that cannot be used; the message names the file."""
 
 
-def parse_prompts(text: str, source: str) -> list[str]:
-    """Non-empty, non-comment lines, stripped; raise naming `source` if there are none."""
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise PromptError(f"{source}: expected at least one prompt (one per line), found none")
-    return prompts
+def iter_prompts(source: str | Path = "default") -> Iterator[str]:
+    """Prompts from a built-in set (`default`/`train`, `eval`) or a text file, read one line at a time.
+
+    A generator: a 100k-line file is never held whole; the file is opened at
+    the first `next` and closed when the generator finishes or is closed.
+    Raises PromptError naming the file when it is missing, not UTF-8, or
+    holds no prompt (that last one once the whole file has been read).
+    """
+    if str(source) in BUILTIN:
+        path, label = DATA_DIR / BUILTIN[str(source)], f"wanlite/data/{BUILTIN[str(source)]}"
+    else:
+        path, label = Path(source), str(source)
+    found = False
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                prompt = line.strip()
+                if prompt and not prompt.startswith("#"):
+                    found = True
+                    yield prompt
+    except FileNotFoundError:
+        raise PromptError(f"{label}: no such prompt file (or use one of: {', '.join(BUILTIN)})") from None
+    except UnicodeDecodeError as err:
+        raise PromptError(f"{label}: expected UTF-8 text, found undecodable bytes ({err.reason})") from None
+    if not found:
+        raise PromptError(f"{label}: expected at least one prompt (one per line), found none")
 
 
 def load_prompts(source: str | Path = "default") -> list[str]:
-    """Prompts from a built-in set (`default`/`train`, `eval`) or a text file."""
-    if str(source) in BUILTIN:
-        name = BUILTIN[str(source)]
-        text = (DATA_DIR / name).read_text(encoding="utf-8")
-        return parse_prompts(text, f"wanlite/data/{name}")
-    path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptError(f"{path}: no such prompt file (or use one of: {', '.join(BUILTIN)})") from None
-    except UnicodeDecodeError as err:
-        raise PromptError(f"{path}: expected UTF-8 text, found undecodable bytes ({err.reason})") from None
-    return parse_prompts(text, str(path))
+    """Every prompt of a built-in set or a file, as a list (for sets that are used whole: evaluation, tests)."""
+    return list(iter_prompts(source))
 
 
-def prompts_sha256(prompts: list[str], negative_prompt: str) -> str:
-    """Content hash of an ordered prompt set and its negative prompt (what the embeddings depend on)."""
-    payload = json.dumps({"prompts": prompts, "negative": negative_prompt}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+class PromptDigest:
+    """`prompts_sha256` fed one prompt at a time: the same digest, without holding the set."""
+
+    def __init__(self, negative_prompt: str) -> None:
+        self.negative_prompt = negative_prompt
+        self.count = 0
+        self._sha = hashlib.sha256(b'{"prompts": [')
+
+    def add(self, prompt: str) -> None:
+        self._sha.update(((", " if self.count else "") + json.dumps(prompt, ensure_ascii=False)).encode("utf-8"))
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        sha = self._sha.copy()
+        sha.update(f'], "negative": {json.dumps(self.negative_prompt, ensure_ascii=False)}}}'.encode("utf-8"))
+        return sha.hexdigest()
+
+
+def prompts_sha256(prompts: Iterable[str], negative_prompt: str) -> str:
+    """Content hash of an ordered prompt set and its negative prompt (what the embeddings depend on).
+
+    The sha256 of `json.dumps({"prompts": [...], "negative": ...}, ensure_ascii=False)`,
+    computed as a stream (`PromptDigest`), so stored content addresses stay
+    what they were when it hashed a list.
+    """
+    digest = PromptDigest(negative_prompt)
+    for prompt in prompts:
+        digest.add(prompt)
+    return digest.hexdigest()

@@ -10,7 +10,7 @@ before MLflow is contacted. The version points at a plain artifact folder
 `candidate` alias, and `champion` only when its evaluation score beats the
 current champion's (or there is none) AND both were evaluated under identical
 settings (teacher fingerprint, prompts, seeds, sigmas, guided mode, steps,
-size): scores from different grids are not comparable, so such a version is
+size, the teacher's precision): scores from different grids are not comparable, so such a version is
 registered as a candidate with the reason it was not compared.
 """
 
@@ -48,7 +48,7 @@ SCORE_TAG = "eval_score"
 EVAL_SETTINGS_TAG = "eval_settings"
 """Model-version tag: JSON of {setting: sha256 prefix of its value}, what makes two scores comparable."""
 
-COMPARABLE_SETTINGS = ("teacher_fingerprint", "prompts", "seeds", "sigmas", "guided", "steps", "size")
+COMPARABLE_SETTINGS = ("teacher_fingerprint", "prompts", "seeds", "sigmas", "guided", "steps", "size", "precision")
 
 COMFYUI_FILE_TAG, COMFYUI_SHA_TAG = "comfyui_file", "comfyui_sha256"
 COMFYUI_WORKFLOW_TAG = "comfyui_workflow"

@@ -89,6 +89,14 @@ class WanLiteStudent(WanTransformer3DModel):
         return cls.from_config(validate_student(arch).diffusers_config())
 
     @classmethod
+    def with_weights(cls, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> WanLiteStudent:
+        """A student of `config` whose parameters are `weights` themselves (assigned: no second, random copy)."""
+        with init_empty_weights():
+            model = cls.from_config(dict(config))
+        model.load_state_dict(weights, strict=True, assign=True)
+        return model
+
+    @classmethod
     def from_student_config(cls, path: str | Path) -> WanLiteStudent:
         """A random student from a config file in the diffusers or the seed notes' vocabulary."""
         arch, _image_size = load_student_config(path)

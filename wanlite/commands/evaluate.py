@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="gate: the student's velocity rel. MSE must be this fraction below every baseline's, in every "
         f"expert range (default {EVAL_MARGIN})",
     )
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu); on cuda the teacher "
+                        "experts run in bf16, one on the GPU at a time (the report names the placement)")
     parser.set_defaults(func=run)
 
 

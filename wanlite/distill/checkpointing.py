@@ -74,9 +74,20 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded CPU copies; a collective: every rank must call it."""
-        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in self.shadow.items()}
+    def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Unsharded CPU copies; a collective: every rank must call it.
+
+        `keep=False` (ranks that only take part in the gathers) drops each
+        gathered tensor at once and returns {}, as `get_model_state_dict` with
+        `full_state_dict` and `cpu_offload` leaves ranks other than 0: only
+        the rank that writes the student holds a whole copy.
+        """
+        full = {}
+        for name, tensor in self.shadow.items():
+            gathered = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+            if keep:
+                full[name] = gathered
+        return full
 
 
 def checkpoint_key(run_key: str, step: int) -> str:

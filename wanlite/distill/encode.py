@@ -8,6 +8,13 @@ same inputs finds the finished artifact and returns at once.
 
 Tokenisation and cleaning follow `WanPipeline` exactly (max length 512,
 `prompt_clean`), so stored embeddings equal what the pipeline would compute.
+
+A prompt file streams: it is read twice, one line at a time, once to hash it
+(the content address must be known before anything is encoded) and once to
+encode it shard by shard. Memory holds one shard's prompts and embeddings
+(`shard_size`) and T5, whatever the file's length; what still grows with the
+number of prompts N is the local staging folder (every shard, on disk, until
+the set is published) and the manifest's list of N / shard_size shard files.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +42,7 @@ from wanlite.distill.data import (
     embeddings_shard_name,
 )
 from wanlite.pipeline import TEXT_LEN, load_text_encoder, load_tokenizer, local_path
-from wanlite.prompts import NEGATIVE_PROMPT, PromptError, load_prompts, prompts_sha256
+from wanlite.prompts import NEGATIVE_PROMPT, PromptDigest, PromptError, iter_prompts
 
 log = logging.getLogger(__name__)
 
@@ -115,22 +123,26 @@ def encode_prompts(
 ) -> dict[str, Any]:
     """Encode a prompt set (a built-in name, a file, or a list) into `embeddings/<hash>/` of the store `out`.
 
-    Returns {uri, key, digest, encoder_sha256, prompts_sha256, num_prompts, skipped}.
+    A name or a file is streamed (module docstring). Returns {uri, key,
+    digest, encoder_sha256, prompts_sha256, num_prompts, skipped}.
     """
     from wanlite.storage import Store
 
-    prompt_list = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
-    if not prompt_list:
-        raise PromptError("prompts: expected at least one prompt, found an empty list")
     if shard_size <= 0 or batch_size <= 0:
         raise ValueError(f"shard_size, batch_size: expected positive integers, found {shard_size}, {batch_size}")
+    source = _prompt_source(prompts)
+    digest = PromptDigest(negative_prompt)
+    for prompt in source():
+        digest.add(prompt)
+    if not digest.count:
+        raise PromptError("prompts: expected at least one prompt, found an empty list")
     root = local_path(teacher)
     enc_sha = encoder_sha256(root)
-    p_sha = prompts_sha256(prompt_list, negative_prompt)
+    p_sha = digest.hexdigest()
     store = Store.from_env(out)
     key = embeddings_key(p_sha, enc_sha)
     result = {"uri": store.uri(key), "key": key, "encoder_sha256": enc_sha, "prompts_sha256": p_sha,
-              "num_prompts": len(prompt_list)}  # fmt: skip
+              "num_prompts": digest.count}  # fmt: skip
     existing = store.read_manifest(key)
     if existing is not None:
         log.info("embeddings already in %s: nothing to do", store.uri(key))
@@ -139,17 +151,17 @@ def encode_prompts(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tokenizer, text_encoder = load_tokenizer(root), load_text_encoder(root, dtype=dtype, device=dev)
-    num_shards = -(-len(prompt_list) // shard_size)
+    num_shards = -(-digest.count // shard_size)
     with tempfile.TemporaryDirectory(prefix="wanlite-embeddings-") as tmp:
         staging = Path(tmp)
-        (staging / PROMPTS_FILE).write_text(
-            json.dumps({"prompts": prompt_list, "negative_prompt": negative_prompt}, ensure_ascii=False, indent=0)
-        )
         save_file({"embeds": encode(tokenizer, text_encoder, [negative_prompt])[0].contiguous()},
                   staging / NEGATIVE_FILE)  # fmt: skip
-        with tqdm(total=len(prompt_list), desc="encode prompts", unit="prompt", disable=not progress) as bar:
-            for index in range(num_shards):
-                chunk = prompt_list[index * shard_size : (index + 1) * shard_size]
+        with (
+            PromptListing(staging / PROMPTS_FILE, negative_prompt) as listing,
+            tqdm(total=digest.count, desc="encode prompts", unit="prompt", disable=not progress) as bar,
+        ):
+            for index, chunk in enumerate(_chunks(source(), shard_size)):
+                listing.extend(chunk)
                 embeds: list[torch.Tensor] = []
                 for start in range(0, len(chunk), batch_size):
                     embeds += encode(tokenizer, text_encoder, chunk[start : start + batch_size])
@@ -158,11 +170,13 @@ def encode_prompts(
                     {"embeds": torch.cat(embeds).contiguous(), "lengths": torch.tensor([e.shape[0] for e in embeds])},
                     staging / embeddings_shard_name(index),
                 )
+        if listing.digest.hexdigest() != p_sha:
+            raise PromptError(f"{_label(prompts)}: changed while it was being encoded; nothing was published")
         meta = {
             "kind": EMBEDDINGS_KIND,
             "encoder_sha256": enc_sha,
             "prompts_sha256": p_sha,
-            "num_prompts": len(prompt_list),
+            "num_prompts": digest.count,
             "num_shards": num_shards,
             "shard_size": shard_size,
             "dim": int(text_encoder.config.d_model),
@@ -171,3 +185,49 @@ def encode_prompts(
         }
         manifest = store.put_dir(staging, key, meta=meta, progress=progress)
     return {**result, "digest": manifest.digest, "skipped": False}
+
+
+def _prompt_source(prompts: str | Path | Sequence[str]) -> Callable[[], Iterable[str]]:
+    """A fresh pass over the prompts on each call: a name or a file is re-read lazily, a list is reused."""
+    if isinstance(prompts, (str, Path)):
+        return lambda: iter_prompts(prompts)
+    return lambda: prompts
+
+
+def _label(prompts: str | Path | Sequence[str]) -> str:
+    return str(prompts) if isinstance(prompts, (str, Path)) else "prompts"
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of `size` items (the last may be shorter), drawn lazily."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+class PromptListing:
+    """Writes `prompts.json` a prompt at a time and hashes what it wrote (`PromptDigest`).
+
+    The bytes are exactly `json.dumps({"prompts": [...], "negative_prompt": ...},
+    ensure_ascii=False, indent=0)` of the whole list, the form sets were
+    written in before they streamed, so a set's files do not depend on which
+    version encoded it.
+    """
+
+    def __init__(self, path: Path, negative_prompt: str) -> None:
+        self.path, self.negative_prompt = path, negative_prompt
+        self.digest = PromptDigest(negative_prompt)
+
+    def __enter__(self) -> PromptListing:
+        self._file = self.path.open("w", encoding="utf-8")
+        self._file.write('{\n"prompts": [\n')
+        return self
+
+    def extend(self, prompts: Iterable[str]) -> None:
+        for prompt in prompts:
+            self._file.write((",\n" if self.digest.count else "") + json.dumps(prompt, ensure_ascii=False))
+            self.digest.add(prompt)
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.write(f'\n],\n"negative_prompt": {json.dumps(self.negative_prompt, ensure_ascii=False)}\n}}')
+        self._file.close()

@@ -415,7 +415,7 @@ class _Run:
 
         use_ema = self.cfg.ema_decay > 0
         if use_ema:
-            weights = p.ema.full_state_dict()
+            weights = p.ema.full_state_dict(keep=self.ctx.is_main)
         else:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             weights = get_model_state_dict(p.generator, options=options)
@@ -442,8 +442,7 @@ class _Run:
         from wanlite.student import WanLiteStudent
 
         final_key = join_key(self.run_key, "final")
-        shipped = WanLiteStudent.from_config(dict(generator.config))
-        shipped.load_state_dict(weights, strict=True)
+        shipped = WanLiteStudent.with_weights(generator.config, weights)
         sampling = few_step_sampling(self.cfg, self.schedule)
         with tempfile.TemporaryDirectory(prefix="wanlite-final-") as tmp:
             shipped.save_pretrained(tmp)

@@ -446,7 +446,7 @@ class _Run:
 
         use_ema = self.cfg.ema_decay > 0
         if use_ema:
-            weights = ema.full_state_dict()
+            weights = ema.full_state_dict(keep=self.ctx.is_main)
         else:
             weights = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         result: list[Any] = [None]
@@ -463,8 +463,7 @@ class _Run:
         from wanlite.student import WanLiteStudent
 
         final_key = join_key(self.run_key, "final")
-        shipped = WanLiteStudent.from_config(dict(student.config))
-        shipped.load_state_dict(weights, strict=True)
+        shipped = WanLiteStudent.with_weights(student.config, weights)
         with tempfile.TemporaryDirectory(prefix="wanlite-final-") as tmp:
             shipped.save_pretrained(tmp)
             save_sampling(tmp, shipped_sampling(self.cfg))
