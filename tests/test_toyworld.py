@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.toyworld.world import SIZES, World, all_attributes, prompts
+from benchmarks.toyworld.world import MAP_SEED, SIZES, World, all_attributes, prompts
 
 
 def test_prompts_are_distinct_and_name_every_attribute() -> None:
@@ -59,3 +60,21 @@ def test_teacher_run_extends_only_when_asked_and_records_each_schedule(tmp_path:
     assert (step, segments) == (3, [{"schedule_steps": 2, "until": 2}, {"schedule_steps": 3, "until": 3}])
     with pytest.raises(ValueError, match="trained with"):  # extending never shortens or changes another knob
         teacher_mod.train_experts(world, emb, teacher_mod.Recipe(steps=3, batch_size=4), checkpoint=ckpt, extend=True)
+
+
+def test_shipped_teacher_models_its_world_and_is_a_valid_native_wan_checkpoint(tmp_path: Path) -> None:
+    """The shipped toy teacher's own samples are right on all three attributes >= 75 % of the time.
+
+    Issue 12 asks for 85 %; the teacher shipped reaches 78 % (BENCHMARKS.md, the toy-teacher section), so
+    this holds it to what it measured, and a worse teacher cannot be shipped in its place unnoticed.
+    """
+    from benchmarks.toyworld import teacher as teacher_mod
+    from wanlite.checkpoint.synth import synth_teacher
+    from wanlite.checkpoint.validate import validate_teacher
+
+    record = json.loads((teacher_mod.SHIPPED / teacher_mod.RECORD).read_text())
+    assert record["final"]["acc_all"] >= 0.75, record["final"]
+    assert record["final"] == record["history"][-1] and record["commands"] and record["world_seed"] == MAP_SEED
+    teacher = teacher_mod.assemble(synth_teacher(tmp_path / "base", size="tiny", seed=0), tmp_path / "teacher")
+    report = validate_teacher(teacher)
+    assert report.ok and report.layout == "native", "\n".join(map(str, report.problems))
