@@ -221,7 +221,7 @@ def summarise(cfg: StudyConfig, prep: Prepared, runs: list[dict[str, Any]]) -> d
         row = {"final_mse": _spread([r["curve"][cfg.distill_steps] for r in mine]),
                "init_mse": _spread([r["curve"][0] for r in mine]),
                "steps_to_random_final": reach,
-               "steps_to_random_final_median": statistics.median(reach_known) if len(reach_known) == len(reach)
+               "steps_to_random_final_median": statistics.median(reach_known) if reach and len(reach_known) == len(reach)
                else None}  # fmt: skip
         for key in mine[0]["scores"]:
             row[key] = _spread([r["scores"][key] for r in mine])
@@ -258,7 +258,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         median = row["steps_to_random_final_median"]
         lines.append(
             f"| {init} | {_cell(row['init_mse'])} | {_cell(row['final_mse'])} | "
-            f"{'not all seeds' if median is None else median} {'[' + ', '.join(reach) + ']' if len(reach) > 1 else ''} | "
+            f"{'— (no random run)' if not reach else 'not all seeds' if median is None else median} {'[' + ', '.join(reach) + ']' if len(reach) > 1 else ''} | "
             f"{_cell(row['frechet'], '.0f')} | {_accuracy(row, 'median')} |"
         )
     t, w = summary["teacher_samples"], summary["world_samples"]
