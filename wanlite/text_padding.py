@@ -58,7 +58,9 @@ def compact_text_padding(model: nn.Module, text_len: int = 512) -> nn.Module:
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         positional = "encoder_hidden_states" not in kwargs
         context = args[2] if positional else kwargs["encoder_hidden_states"]
-        context, processor.bias = _pad_one(context, text_len)
+        # The processor is looked up on the module called, not captured: a deep copy of a compact
+        # model (an EMA copy) then drives its own processor, not the original's.
+        context, module.blocks[0].attn2.processor.bias = _pad_one(context, text_len)
         if positional:
             args = (*args[:2], context, *args[3:])
         else:

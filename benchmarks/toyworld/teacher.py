@@ -12,6 +12,7 @@ the teacher also models the unconditional distribution that CFG needs.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -81,28 +82,15 @@ class Recipe:
     seed: int = 0
 
 
-def _expert() -> WanTransformer3DModel:
-    """A fresh expert taking compact text contexts.
-
-    Built, never `copy.deepcopy`-ed: a deep copy keeps the original's padding
-    hook, which then sets the original's logit bias, and the copy attends to
-    the compact context as if it were all the text there is. The first three
-    toy-teacher runs measured their EMA copies that way (run 3: 78 % all three
-    at step 4,000; the same weights loaded afresh: 96 %).
-    """
-    return compact_text_padding(WanTransformer3DModel.from_config(ARCH.diffusers_config()))
-
-
 class _Trainer:
     """Both experts, their EMA copies, optimisers and schedules: one object to step, save and resume."""
 
     def __init__(self, recipe: Recipe) -> None:
         torch.manual_seed(recipe.seed)
         self.recipe = recipe
-        self.models = {name: _expert().train() for name in EXPERT_DIRS}
-        self.ema = {name: _expert().eval().requires_grad_(False) for name in EXPERT_DIRS}
-        for name, model in self.models.items():
-            self.ema[name].load_state_dict(model.state_dict())
+        self.models = {name: compact_text_padding(WanTransformer3DModel.from_config(ARCH.diffusers_config())).train()
+                       for name in EXPERT_DIRS}  # fmt: skip
+        self.ema = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in self.models.items()}
         self.optims = {n: torch.optim.AdamW(m.parameters(), lr=recipe.lr, weight_decay=0.0)
                        for n, m in self.models.items()}  # fmt: skip
         self.scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, _schedule(recipe.steps)) for n, o in self.optims.items()}
