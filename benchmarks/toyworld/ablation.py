@@ -19,16 +19,14 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any
-
 import torch
 
-from benchmarks.toyworld.study import PRESET, Prepared, StudyConfig, _tag, prepare
+from benchmarks.toyworld.study import PRESET, Prepared, StudyConfig, make_init, prepare
 from benchmarks.toyworld.world import prompts
 from wanlite.config import get_preset
-from wanlite.distill.data import EmbeddingSet, LatentSet
+from wanlite.distill.data import EmbeddingSet
 from wanlite.evaluate import evaluate
 from wanlite.pipeline import local_path
-from wanlite.projection import project_student
 from wanlite.student import WanLiteStudent
 
 VARIANTS: dict[str, dict[str, bool]] = {
@@ -42,32 +40,16 @@ INITS = ("importance-low", "importance-high", "uniform-low", "uniform-high")
 GATE_PROMPTS, GATE_SEEDS = 8, (0, 1)
 
 
-def project(prep: Prepared, cfg: StudyConfig, init: str, variant: dict[str, bool]) -> Path:
-    """The init projected with this variant's fixes (cached by its settings); calibrated like the study's."""
-    method, expert = init.split("-")
-    out = cfg.work / "ablation" / f"{init}-{_tag(prep.train_data, cfg.calib_samples, sorted(variant.items()))}"
-    if (out / "config.json").is_file():
-        return out
-    calib: dict[str, Any] = {"calib_samples": cfg.calib_samples}
-    if not variant.get("calib_random"):
-        data, emb = LatentSet.load(prep.train_data), EmbeddingSet.load(prep.embeddings)
-        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: cfg.calib_samples]
-        calib = {"calib_latents": data.take(rows)[:, :, 0], "calib_context": emb.context(data.prompt_index[rows])}
-    project_student(prep.teacher, PRESET, out_dir=out, method=method, expert=expert, image_size=cfg.latent_size * 8,
-                    **calib, **variant)  # fmt: skip
-    return out
-
-
 def ablation(prep: Prepared, cfg: StudyConfig) -> dict[str, dict[str, float]]:
     """{variant: {init: step-0 held-out MSE}}."""
     emb = EmbeddingSet.load(prep.embeddings)
-    return {name: {init: prep.heldout.mse(WanLiteStudent.from_pretrained(project(prep, cfg, init, v)).eval(), emb)
+    return {name: {init: prep.heldout.mse(WanLiteStudent.from_pretrained(make_init(prep, cfg, init, **v)).eval(), emb)
                    for init in INITS} for name, v in VARIANTS.items()}  # fmt: skip
 
 
 def gate(prep: Prepared, cfg: StudyConfig, distilled_uri: str | None, work: Path) -> dict[str, dict[str, Any]]:
     """The default gate's verdict and velocity errors for zero, random, projected and (optionally) distilled."""
-    init = project(prep, cfg, "importance-low", {})
+    init = Path(make_init(prep, cfg, "importance-low"))
     torch.manual_seed(0)
     random = WanLiteStudent.from_arch(get_preset(PRESET).arch)
     random.save_pretrained(work / "random")

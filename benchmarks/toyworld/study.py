@@ -131,16 +131,23 @@ def _teacher(cfg: StudyConfig, base: Path, world: World, emb: EmbeddingSet) -> t
     return teacher, json.loads(timing_file.read_text())
 
 
-def make_init(prep: Prepared, cfg: StudyConfig, init: str) -> str | None:
-    """The student folder an init starts from (None: the trainer's own random init of the preset)."""
+def make_init(prep: Prepared, cfg: StudyConfig, init: str, **fixes: bool) -> str | None:
+    """The student folder an init starts from (None: the trainer's own random init of the preset).
+
+    `fixes`: projection switches (`norm_ratios`, `rank_embedding_units`, `calib_random`) for the ablation;
+    none given is the default projection, calibrated on the study's own teacher data.
+    """
     if init == "random":
         return None
     method, expert = init.split("-")
-    data, emb = LatentSet.load(prep.train_data), EmbeddingSet.load(prep.embeddings)
-    rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: cfg.calib_samples]  # all prompts
-    out = cfg.work / "inits" / f"{init}-{_tag(prep.train_data, cfg.calib_samples)}"
+    out = cfg.work / "inits" / f"{init}-{_tag(prep.train_data, cfg.calib_samples, *sorted(fixes.items()))}"
+    calib: dict[str, Any] = {"calib_samples": cfg.calib_samples}
+    if not fixes.get("calib_random"):
+        data, emb = LatentSet.load(prep.train_data), EmbeddingSet.load(prep.embeddings)
+        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: cfg.calib_samples]  # all prompts
+        calib = {"calib_latents": data.take(rows)[:, :, 0], "calib_context": emb.context(data.prompt_index[rows])}
     project_student(prep.teacher, PRESET, out_dir=out, method=method, expert=expert, image_size=cfg.latent_size * 8,
-                    calib_latents=data.take(rows)[:, :, 0], calib_context=emb.context(data.prompt_index[rows]))  # fmt: skip
+                    **calib, **fixes)  # fmt: skip
     return str(out)
 
 
