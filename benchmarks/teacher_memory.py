@@ -4,7 +4,7 @@ Writes (once, in --work) a sparse synthetic teacher at A14B width with
 `--layers` blocks per expert (`wanlite synth-teacher --size a14b --layers N
 --sparse`: real shapes, tensors read back as zeros, seconds to write), the
 tiny teacher's prompt embeddings and latents (32x32 images; the data only has
-to match in channels and text width), then runs one training step with a
+to match in channels and text width), then runs one training step (global batch max(2, N)) with a
 checkpoint for each --nproc and records every rank's peak RSS (VmHWM, the
 kernel's high-water mark, polled from /proc until the rank exits).
 
@@ -62,11 +62,15 @@ def measure(inputs: dict[str, str], work: Path, nproc: int, code: Path) -> dict[
     run = work / f"run-{code.name}-{nproc}-{time.time_ns()}"
     argv = ["distill", "--teacher", inputs["teacher"], "--data", inputs["data"], "--embeddings", inputs["embeddings"],
             "--out", (run / "store").as_uri(), "--staging-dir", str(run / "staging"), "--steps", "1",
-            "--batch-size", "2", "--checkpoint-every", "1", "--warmup-steps", "1", "--nproc", str(nproc),
+            "--batch-size", str(max(2, nproc)), "--checkpoint-every", "1", "--warmup-steps", "1",
+            "--nproc", str(nproc),
             "--mlflow-uri", f"sqlite:///{run / 'mlflow.db'}", "--no-progress"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+    run.mkdir(parents=True)
+    # cwd=run: Python puts the working directory before PYTHONPATH, so from a checkout's root
+    # the job (and its torchrun ranks) would import that checkout's wanlite instead of --code's.
     job = subprocess.Popen([sys.executable, "-c", "import sys; from wanlite.cli import main; sys.exit(main())", *argv],
-                           env=env, stdout=subprocess.DEVNULL, stderr=open(run.with_suffix(".log"), "wb"))  # fmt: skip
+                           env=env, cwd=run, stdout=subprocess.DEVNULL, stderr=open(run.with_suffix(".log"), "wb"))  # fmt: skip
     peaks: dict[int, int] = {}
     ranks: dict[int, str] = {}
     while job.poll() is None:

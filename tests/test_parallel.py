@@ -90,3 +90,29 @@ def test_every_launch_stages_in_its_own_folder(tmp_path: Path) -> None:
     finally:
         dist.destroy_process_group()
     assert first != second and first.parent == second.parent == tmp_path / "run"
+
+
+def _unit_bytes(unit: torch.nn.Module, units: list[torch.nn.Module]) -> int:
+    """Bytes of the parameters FSDP gathers with `unit`: its own, less those of the units inside it."""
+    inner = {id(p) for other in units if other is not unit and other in set(unit.modules()) for p in other.parameters()}
+    return sum(p.numel() * p.element_size() for p in unit.parameters() if id(p) not in inner)
+
+
+def test_no_frozen_unit_at_a14b_width_is_larger_than_an_ffn_matrix() -> None:
+    """What bounds a rank's transient memory in a teacher forward: the largest unit, gathered whole (issue 14)."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    from wanlite.config import A14B
+
+    with init_empty_weights():
+        model = WanTransformer3DModel.from_config(A14B.replace(num_layers=2).diffusers_config())
+    time_projection = sum(p.numel() * 4 for p in model.condition_embedder.time_proj.parameters())
+    parallel.split_time_projection(model)
+    units = parallel.frozen_units(model)
+    largest = max(_unit_bytes(u, units) for u in units)
+    ffn_matrix = A14B.dim * A14B.ffn_dim * 4 + A14B.ffn_dim * 4  # weight and bias of the FFN's first Linear
+    assert largest == ffn_matrix < time_projection
+    held = {id(p) for u in units for p in u.parameters()}
+    assert {n for n, p in model.named_parameters() if id(p) not in held} <= {  # the root's own: small
+        "patch_embedding.weight", "patch_embedding.bias", "proj_out.weight", "proj_out.bias", "scale_shift_table"}

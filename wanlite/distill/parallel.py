@@ -68,22 +68,80 @@ def shard_trained(model: nn.Module, blocks: Iterable[nn.Module], mesh: DeviceMes
     fully_shard(model, mesh=mesh)
 
 
+class RowSplitLinear(nn.Module):
+    """A Linear computed as `parts` Linears over consecutive blocks of its output rows: the same map, smaller units.
+
+    Wan's time projection (dim -> 6 x dim, the six modulation vectors) is an
+    expert's largest matrix, 629 MB in fp32 at A14B width against an FFN
+    matrix's 283 MB; split into its six chunks, no frozen unit is larger than
+    an FFN matrix. `checkpoint_rows` maps each part's parameters back to the
+    rows of the checkpoint tensor they hold.
+    """
+
+    def __init__(self, linear: nn.Linear, parts: int) -> None:
+        super().__init__()
+        if linear.out_features % parts:
+            raise ValueError(f"RowSplitLinear: {linear.out_features} output rows do not split into {parts} parts")
+        self.rows = linear.out_features // parts
+        w = linear.weight
+        self.parts = nn.ModuleList(
+            nn.Linear(linear.in_features, self.rows, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+            for _ in range(parts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def split_time_projection(model: nn.Module) -> None:
+    """Replace a Wan transformer's time projection by its six dim-sized chunks (`RowSplitLinear`)."""
+    projection = model.condition_embedder.time_proj
+    model.condition_embedder.time_proj = RowSplitLinear(projection, projection.out_features // projection.in_features)
+
+
+def checkpoint_rows(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Parameter name -> (its name in the unsplit model, the first checkpoint row it holds), for split Linears."""
+    sources: dict[str, tuple[str, int]] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, RowSplitLinear):
+            for i, part in enumerate(module.parts):
+                for leaf, _ in part.named_parameters():
+                    sources[f"{prefix}.parts.{i}.{leaf}"] = (f"{prefix}.{leaf}", i * module.rows)
+    return sources
+
+
 def frozen_units(model: nn.Module) -> list[nn.Module]:
     """FSDP units of a frozen Wan transformer, children before parents.
 
-    Finer than one unit per block: each attention, FFN and norm of a block, and
-    each embedding MLP, is its own unit. A forward-only model gathers one unit
+    Every Linear is its own unit; what else a block's child holds (the
+    attention's q/k norms, the cross-attention norm) is one unit with that
+    child, a block's modulation table one with the block, and the root keeps
+    the patch embedding and output head. A forward-only model gathers one unit
     at a time and frees it right after, so what a rank holds unsharded at once
-    is bounded by its largest unit (an FFN, or the time projection), not a
-    whole block; while a unit is gathered its all-gather buffer and unsharded
-    copy coexist, about twice its bytes (measured in BENCHMARKS.md). The price
-    is more, smaller all-gathers.
+    is bounded by its largest unit, an FFN matrix once the time projection is
+    split (`split_time_projection`); while a unit is gathered its all-gather
+    buffer and unsharded copy coexist, about twice its bytes. Measured with
+    `distill --nproc 2` on a 2-layer A14B-width teacher (BENCHMARKS.md): each
+    rank's peak RSS fell by about 660 MB (rank 0: 5,726 -> 5,065 MB) from one
+    unit per attention, FFN and time projection to these. The price is more,
+    smaller all-gathers (14 per block instead of 5).
     """
     units: list[nn.Module] = []
     for parent in (*model.blocks, model.condition_embedder):
-        units += [child for child in parent.children() if any(True for _ in child.parameters())]
-        units.append(parent)
+        for child in parent.children():
+            linears = [m for m in child.modules() if isinstance(m, nn.Linear)]
+            units += linears
+            if _holds_more(child, linears):
+                units.append(child)
+        if _holds_more(parent, units):
+            units.append(parent)
     return units
+
+
+def _holds_more(module: nn.Module, units: list[nn.Module]) -> bool:
+    """Whether `module` has a parameter that none of `units` holds."""
+    held = {id(p) for unit in units for p in unit.parameters()}
+    return any(id(p) not in held for p in module.parameters())
 
 
 def shard_frozen(model: nn.Module, units: Iterable[nn.Module], mesh: DeviceMesh) -> None:
@@ -156,8 +214,15 @@ def sharded_expert(
     from wanlite.checkpoint.transformer_keys import diffusers_to_native_names
 
     model = reader.empty_expert(expert, dtype)
+    split_time_projection(model)  # on one rank too: the same arithmetic whatever the world size
     if mesh is not None:
         shard_frozen(model, frozen_units(model), mesh)
     to_native = diffusers_to_native_names(reader.arch)
-    materialise(model, device, lambda name, start, stop: reader.rows(expert, to_native[name], start, stop))
+    split = checkpoint_rows(model)
+
+    def read(name: str, start: int, stop: int) -> torch.Tensor:
+        source, first = split.get(name, (name, 0))
+        return reader.rows(expert, to_native[source], first + start, first + stop)
+
+    materialise(model, device, read)
     return model.eval().requires_grad_(False)
