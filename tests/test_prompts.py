@@ -8,6 +8,7 @@ import json
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -130,9 +131,51 @@ def test_encode_prompts_reads_a_large_file_one_shard_ahead_at_most(
     assert 0 < max(ahead) <= 1000, "one shard of prompts read ahead of the encoder at most"
     assert result["num_prompts"] == 20_000
     assert result["prompts_sha256"] == prompts_sha256(load_prompts(path), NEGATIVE_PROMPT)
+    from wanlite.distill import data
+
+    reads = _RowReads(data.safe_open)
+    monkeypatch.setattr(data, "safe_open", reads.open)
     emb = EmbeddingSet.load(result["uri"])
     assert emb.prompts == load_prompts(path) and len(emb.embeds) == 20_000
+    assert reads.rows == [1], "load reads the negative prompt's one row, none of the 20k prompts' rows"
     assert emb.embeds[12_345].tolist() == [[float(len("prompt number 12345"))] * 4]
+    assert emb.compact(torch.tensor([7, 19_999]))[0].shape == (2, 1, 4) and reads.rows == [1, 1, 1, 1]
+
+
+class _RowReads:
+    """`safe_open` that records how many rows of `embeds` every read brings into memory."""
+
+    def __init__(self, safe_open: Any) -> None:
+        self.safe_open, self.rows = safe_open, []
+
+    def open(self, path: str, framework: str) -> Any:
+        handle, rows = self.safe_open(path, framework=framework), self.rows
+
+        class Slice:
+            def __init__(self, part: Any) -> None:
+                self.part, self.get_shape = part, part.get_shape
+
+            def __getitem__(self, index: slice) -> torch.Tensor:
+                value = self.part[index]
+                rows.append(value.shape[0])
+                return value
+
+        class Handle:
+            def __enter__(self) -> Handle:
+                return self
+
+            def __exit__(self, *_: object) -> None:
+                return None
+
+            def get_tensor(self, name: str) -> torch.Tensor:
+                value = handle.get_tensor(name)
+                rows.extend([value.shape[0]] if name == "embeds" else [])
+                return value
+
+            def get_slice(self, name: str) -> Slice:
+                return Slice(handle.get_slice(name))
+
+        return Handle()
 
 
 def test_a_prompt_file_that_changes_between_the_passes_is_refused(

@@ -184,6 +184,17 @@ def test_latent_shards_of_the_wrong_shape_are_refused(tiny_latents: dict[str, An
         LatentSet.load(bad)
 
 
+def test_an_embedding_shard_whose_lengths_disagree_with_its_rows_is_refused(
+    tiny_embeddings: dict[str, Any], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(Store(tiny_embeddings["uri"]).local_dir("", progress=False), bad)
+    shard = bad / "shard-00000.safetensors"
+    save_file({"embeds": torch.zeros(5, 4096), "lengths": torch.tensor([2, 2])}, shard)
+    with pytest.raises(ValueError, match=r"shard-00000\.safetensors: lengths sum to 4 but embeds has 5 rows"):
+        EmbeddingSet.load(bad)
+
+
 def test_cli_refuses_an_empty_prompt_file_and_writes_nothing(
     tiny_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

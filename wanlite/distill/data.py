@@ -24,10 +24,13 @@ but the step needs saving for an exact resume.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -83,12 +86,50 @@ def _expect_kind(directory: Path, manifest: dict, kind: str) -> dict:
 # --- prompt embeddings ---------------------------------------------------------------
 
 
+class ShardRows(Sequence[torch.Tensor]):
+    """Every prompt's embedding [L_i, D] in fp32, read from the memory-mapped shards on access.
+
+    What a rank holds of the set is its prompts' lengths, not their rows: the
+    rows of a set encoded from a large prompt file (about 1 MB per prompt in
+    fp32 at 60 tokens of T5-XXL width) never sit whole in memory.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = paths
+        self._files: dict[int, Any] = {}
+        where: list[tuple[int, int]] = []
+        lengths: list[int] = []
+        for shard, path in enumerate(paths):
+            counts = self._open(shard).get_tensor("lengths").tolist()
+            rows = self._open(shard).get_slice("embeds").get_shape()[0]
+            if sum(counts) != rows:
+                raise ValueError(f"{path}: lengths sum to {sum(counts)} but embeds has {rows} rows")
+            starts = itertools.accumulate(counts, initial=0)
+            where += [(shard, start) for start, _ in zip(starts, counts)]
+            lengths += counts
+        self._where = where
+        self.lengths = lengths
+
+    def _open(self, shard: int) -> Any:
+        if shard not in self._files:
+            self._files[shard] = safe_open(str(self._paths[shard]), framework="pt")
+        return self._files[shard]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        shard, start = self._where[index]
+        rows = self._open(shard).get_slice("embeds")[start : start + self.lengths[index]]
+        return rows.float()  # bf16 from a GPU encoder; compute casts anyway
+
+
 @dataclass
 class EmbeddingSet:
     """Every prompt's trimmed T5 output plus the negative prompt's, with their provenance."""
 
     prompts: list[str]
-    embeds: list[torch.Tensor]
+    embeds: Sequence[torch.Tensor]
     negative: torch.Tensor
     encoder_sha256: str
     digest: str
@@ -96,18 +137,12 @@ class EmbeddingSet:
 
     @classmethod
     def load(cls, uri: str | Path) -> EmbeddingSet:
+        """The set at `uri`; embeddings are read from the shards when a batch asks for them (`ShardRows`)."""
         root = local_path(uri)
         manifest = read_manifest_file(root)
         meta = _expect_kind(root, manifest, EMBEDDINGS_KIND)
         prompts = json.loads((root / PROMPTS_FILE).read_text())["prompts"]
-        embeds: list[torch.Tensor] = []
-        for index in range(meta["num_shards"]):
-            path = root / embeddings_shard_name(index)
-            with safe_open(str(path), framework="pt") as fh:
-                flat, lengths = fh.get_tensor("embeds"), fh.get_tensor("lengths")
-            if int(lengths.sum()) != flat.shape[0]:
-                raise ValueError(f"{path}: lengths sum to {int(lengths.sum())} but embeds has {flat.shape[0]} rows")
-            embeds.extend(flat.float().split(lengths.tolist()))  # bf16 from a GPU encoder; compute casts anyway
+        embeds = ShardRows([root / embeddings_shard_name(index) for index in range(meta["num_shards"])])
         if len(embeds) != len(prompts):
             raise ValueError(f"{root}: {len(prompts)} prompts in {PROMPTS_FILE} but {len(embeds)} embeddings in shards")
         with safe_open(str(root / NEGATIVE_FILE), framework="pt") as fh:
@@ -135,7 +170,8 @@ class EmbeddingSet:
 
     def longest(self) -> int:
         """Tokens in the longest prompt, the negative prompt included."""
-        return max(len(e) for e in (*self.embeds, self.negative))
+        counts = self.embeds.lengths if isinstance(self.embeds, ShardRows) else [len(e) for e in self.embeds]
+        return max(max(counts), len(self.negative))
 
     def negative_context(self, n: int) -> torch.Tensor:
         """The negative prompt's padded context repeated n times."""
