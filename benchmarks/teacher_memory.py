@@ -4,9 +4,10 @@ Writes (once, in --work) a sparse synthetic teacher at A14B width with
 `--layers` blocks per expert (`wanlite synth-teacher --size a14b --layers N
 --sparse`: real shapes, tensors read back as zeros, seconds to write), the
 tiny teacher's prompt embeddings and latents (32x32 images; the data only has
-to match in channels and text width), then runs one training step (global batch max(2, N)) with a
-checkpoint for each --nproc and records every rank's peak RSS (VmHWM, the
-kernel's high-water mark, polled from /proc until the rank exits).
+to match in channels and text width), then runs one training step (global
+batch max(2, N)) with a checkpoint for each --nproc and records every rank's
+peak RSS (VmHWM, the kernel's high-water mark, polled from /proc until the
+rank exits).
 
     .venv/bin/python benchmarks/teacher_memory.py [--work DIR] [--layers 2] [--nproc 1 2] [--code DIR]
 

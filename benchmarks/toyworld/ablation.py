@@ -19,6 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any
+
 import torch
 
 from benchmarks.toyworld.study import PRESET, Prepared, StudyConfig, make_init, prepare

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -95,32 +94,23 @@ class ShardRows(Sequence[torch.Tensor]):
     """
 
     def __init__(self, paths: list[Path]) -> None:
-        self._paths = paths
-        self._files: dict[int, Any] = {}
-        where: list[tuple[int, int]] = []
-        lengths: list[int] = []
-        for shard, path in enumerate(paths):
-            counts = self._open(shard).get_tensor("lengths").tolist()
-            rows = self._open(shard).get_slice("embeds").get_shape()[0]
+        self._files = [safe_open(str(path), framework="pt") for path in paths]  # memory maps, no descriptors held
+        self._where: list[tuple[int, int]] = []
+        self.lengths: list[int] = []
+        for shard, (path, fh) in enumerate(zip(paths, self._files)):
+            counts = fh.get_tensor("lengths").tolist()
+            rows = fh.get_slice("embeds").get_shape()[0]
             if sum(counts) != rows:
                 raise ValueError(f"{path}: lengths sum to {sum(counts)} but embeds has {rows} rows")
-            starts = itertools.accumulate(counts, initial=0)
-            where += [(shard, start) for start, _ in zip(starts, counts)]
-            lengths += counts
-        self._where = where
-        self.lengths = lengths
-
-    def _open(self, shard: int) -> Any:
-        if shard not in self._files:
-            self._files[shard] = safe_open(str(self._paths[shard]), framework="pt")
-        return self._files[shard]
+            self._where += [(shard, start) for start, _ in zip(itertools.accumulate(counts, initial=0), counts)]
+            self.lengths += counts
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
         shard, start = self._where[index]
-        rows = self._open(shard).get_slice("embeds")[start : start + self.lengths[index]]
+        rows = self._files[shard].get_slice("embeds")[start : start + self.lengths[index]]
         return rows.float()  # bf16 from a GPU encoder; compute casts anyway
 
 

@@ -128,12 +128,14 @@ def frozen_units(model: nn.Module) -> list[nn.Module]:
     """
     units: list[nn.Module] = []
     for parent in (*model.blocks, model.condition_embedder):
+        mine: list[nn.Module] = []
         for child in parent.children():
             linears = [m for m in child.modules() if isinstance(m, nn.Linear)]
-            units += linears
+            mine += linears
             if _holds_more(child, linears):
-                units.append(child)
-        if _holds_more(parent, units):
+                mine.append(child)
+        units += mine
+        if _holds_more(parent, mine):
             units.append(parent)
     return units
 
